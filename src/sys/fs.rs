@@ -1,0 +1,221 @@
+//! File-system primitives that lose nothing: atomic replacement of a file,
+//! and a rename that never overwrites.
+//!
+//! What it is: [`AtomicFile`] (write a temporary beside the target, fsync,
+//! rename over it, fsync the directory; readers see the old or the new file,
+//! never half of one) and [`rename_noreplace`] (`renameat2(RENAME_NOREPLACE)`,
+//! or link + unlink where the file system lacks it). Names are held as
+//! `CString`s made once, so steady-state writes allocate nothing.
+//! What it is not: a directory walker or a cross-device mover; those build on
+//! these pieces.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::Mode;
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
+
+/// Opens a directory for use as the `dirfd` of `*at` calls (and for fsync).
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)
+}
+
+/// A file that is always replaced whole.
+pub struct AtomicFile {
+    dir_path: PathBuf,
+    dir: OwnedFd,
+    name: CString,
+    tmp: CString,
+    durable: bool,
+}
+
+impl AtomicFile {
+    /// Prepares `path` for atomic writes. `durable` adds the fsyncs needed
+    /// to survive a power cut (for state on an SD card); tmpfs files such as
+    /// the status snapshot skip them. The directory must exist.
+    pub fn new(path: &Path, durable: bool) -> io::Result<AtomicFile> {
+        let dir_path = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+        let name = cstring(file.as_bytes())?;
+        let mut tmp = b".".to_vec();
+        tmp.extend_from_slice(file.as_bytes());
+        tmp.extend_from_slice(b".tmp");
+        let tmp = cstring(&tmp)?;
+        let dir = open_dir(&dir_path)?;
+        Ok(AtomicFile {
+            dir_path,
+            dir,
+            name,
+            tmp,
+            durable,
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir_path.join(OsStr::from_bytes(self.name.as_bytes()))
+    }
+
+    /// Replaces the file's content with `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.try_write(bytes) {
+            // The directory was removed and perhaps made again under our
+            // feet (someone cleaned /run): reopen it by path once.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                self.dir = open_dir(&self.dir_path)?;
+                self.try_write(bytes)
+            }
+            other => other,
+        }
+    }
+
+    fn try_write(&self, bytes: &[u8]) -> io::Result<()> {
+        let fd = openat(
+            self.dir.as_fd(),
+            self.tmp.as_c_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )?;
+        let mut file = File::from(fd);
+        let written = file.write_all(bytes).and_then(|()| {
+            if self.durable {
+                file.sync_all()
+            } else {
+                Ok(())
+            }
+        });
+        drop(file);
+        if let Err(e) = written {
+            let _ = unlinkat(
+                self.dir.as_fd(),
+                self.tmp.as_c_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+            return Err(e);
+        }
+        nix::fcntl::renameat(
+            self.dir.as_fd(),
+            self.tmp.as_c_str(),
+            self.dir.as_fd(),
+            self.name.as_c_str(),
+        )?;
+        if self.durable {
+            nix::unistd::fsync(self.dir.as_fd())?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes a C string of a file name, refusing interior NUL bytes.
+pub fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file name contains a NUL byte"))
+}
+
+/// Renames `from` (in `from_dir`) to `to` (in `to_dir`) unless `to` exists,
+/// in which case it fails with `EEXIST` and nothing changes. Both must be on
+/// one file system (`EXDEV` otherwise).
+pub fn rename_noreplace(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+) -> io::Result<()> {
+    // SAFETY: renameat2(2) reads two NUL-terminated strings that outlive the
+    // call (borrowed `CStr`s) and two descriptors kept open by the borrows;
+    // it writes no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    match Errno::last() {
+        // The kernel or the file system (some FUSE and network file
+        // systems) does not support the flag: link() also refuses to replace.
+        Errno::EINVAL | Errno::ENOSYS => {
+            linkat(from_dir, from, to_dir, to, AtFlags::empty())?;
+            unlinkat(from_dir, from, UnlinkatFlags::NoRemoveDir)?;
+            Ok(())
+        }
+        e => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("edgekeeper-fs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn atomic_file_replaces_content_and_leaves_no_temporary() {
+        let dir = scratch("atomic");
+        let path = dir.join("status.json");
+        let mut f = AtomicFile::new(&path, true).unwrap();
+        f.write(b"first").unwrap();
+        f.write(b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("status.json")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn atomic_file_survives_its_directory_being_recreated() {
+        let dir = scratch("recreated");
+        let path = dir.join("status.json");
+        let mut f = AtomicFile::new(&path, false).unwrap();
+        f.write(b"one").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        f.write(b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rename_noreplace_never_overwrites() {
+        let dir = scratch("noreplace");
+        std::fs::write(dir.join("a"), b"a").unwrap();
+        std::fs::write(dir.join("b"), b"b").unwrap();
+        let d = open_dir(&dir).unwrap();
+        let err = rename_noreplace(d.as_fd(), c"a", d.as_fd(), c"b").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(std::fs::read(dir.join("b")).unwrap(), b"b");
+        rename_noreplace(d.as_fd(), c"a", d.as_fd(), c"c").unwrap();
+        assert!(!dir.join("a").exists());
+        assert_eq!(std::fs::read(dir.join("c")).unwrap(), b"a");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

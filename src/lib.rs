@@ -1,0 +1,22 @@
+//! edgekeeper: one small daemon that keeps an ARM edge device in order.
+//!
+//! It replaces four scripts such devices grow (a log mover, a frame monitor,
+//! a /proc-scanning cgroup daemon, a disk-maintenance daemon) with one
+//! single-threaded epoll loop. Module map:
+//!
+//! - [`config`]: the JSON-with-comments config, its defaults, units and
+//!   validation with key paths.
+//! - [`reactor`]: epoll, one timerfd driving a deadline queue, signalfd.
+//! - [`daemon`]: `edgekeeper run`: start-up, dispatch, reload, stop.
+//! - [`services`]: the interface every service implements, and the services.
+//! - [`report`]: field log, status snapshot, Prometheus file, alerts.
+//! - [`state`]: what survives a restart (`state_dir/state.json`).
+//! - [`sys`]: the platform layer, the only place with `unsafe`.
+
+pub mod config;
+pub mod daemon;
+pub mod reactor;
+pub mod report;
+pub mod services;
+pub mod state;
+pub mod sys;

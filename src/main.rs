@@ -1,0 +1,191 @@
+//! The `edgekeeper` command line: parses arguments with argh, calls into the
+//! library, and turns outcomes into exit codes (0 ok, 1 runtime failure,
+//! 2 usage, 3 no running daemon, 78 configuration error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use argh::FromArgs;
+
+use edgekeeper::config::{self, Config};
+use edgekeeper::daemon::{Daemon, RunError};
+use edgekeeper::report::log as sink;
+use edgekeeper::report::status::{self, Shown};
+use edgekeeper::services;
+use edgekeeper::sys::clock::WallTime;
+use edgekeeper::sys::notify::Notifier;
+
+const EX_USAGE: u8 = 2;
+const EX_NOT_RUNNING: u8 = 3;
+const EX_CONFIG: u8 = 78;
+
+#[derive(FromArgs)]
+/// Keeps an edge device in order: relocates logs, watches camera frames,
+/// governs processes in cgroups and maintains storage, in one small daemon.
+struct Cli {
+    /// config file (default: $EDGEKEEPER_CONFIG, else /etc/edgekeeper/edgekeeper.json)
+    #[argh(option)]
+    config: Option<PathBuf>,
+
+    #[argh(subcommand)]
+    command: Command,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Run(RunCmd),
+    Check(CheckCmd),
+    Status(StatusCmd),
+    Version(VersionCmd),
+}
+
+#[derive(FromArgs)]
+/// Run the daemon in the foreground (systemd Type=notify).
+#[argh(subcommand, name = "run")]
+struct RunCmd {}
+
+#[derive(FromArgs)]
+/// Validate the config and print it with every default filled in.
+#[argh(subcommand, name = "check")]
+struct CheckCmd {}
+
+#[derive(FromArgs)]
+/// Print the running daemon's status snapshot (exit 3 if none is running).
+#[argh(subcommand, name = "status")]
+struct StatusCmd {
+    /// print the raw JSON snapshot
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Print the version, target and the services this build provides.
+#[argh(subcommand, name = "version")]
+struct VersionCmd {}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .or_else(|| std::env::var_os(config::PATH_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+fn parse_args() -> Result<Cli, ExitCode> {
+    let args: Vec<String> = match std::env::args_os().map(|a| a.into_string()).collect() {
+        Ok(a) => a,
+        Err(bad) => {
+            eprintln!("edgekeeper: argument is not valid UTF-8: {bad:?}");
+            return Err(ExitCode::from(EX_USAGE));
+        }
+    };
+    let name = args
+        .first()
+        .map_or("edgekeeper", |a| a.rsplit('/').next().unwrap_or(a));
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    Cli::from_args(&[name], &rest).map_err(|exit| match exit.status {
+        Ok(()) => {
+            println!("{}", exit.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!("{}", exit.output);
+            ExitCode::from(EX_USAGE)
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let path = config_path(&cli);
+    match cli.command {
+        Command::Run(_) => run(&path),
+        Command::Check(_) => check(&path),
+        Command::Status(cmd) => show_status(&path, cmd.json),
+        Command::Version(_) => {
+            println!("edgekeeper {}", env!("CARGO_PKG_VERSION"));
+            println!("target: {}", env!("EDGEKEEPER_TARGET"));
+            let provided = if services::PROVIDED.is_empty() {
+                "none yet (core only)".to_string()
+            } else {
+                services::PROVIDED.join(" ")
+            };
+            println!("services: {provided}");
+            println!(
+                "build: {}",
+                if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("edgekeeper: {e}");
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("{}", config.to_pretty_json());
+    for name in config.services() {
+        if !services::PROVIDED.contains(&name) {
+            eprintln!("note: {name} is configured, but this build does not provide it yet");
+        }
+    }
+    eprintln!("{}: ok", path.display());
+    ExitCode::SUCCESS
+}
+
+fn show_status(path: &std::path::Path, json: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match status::show(&config.run_dir, json, WallTime::now()) {
+        Shown::Running(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Shown::NotRunning(why) => {
+            eprintln!("edgekeeper: {why}");
+            ExitCode::from(EX_NOT_RUNNING)
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    sink::init_stderr(log::LevelFilter::Info);
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("NOTIFY_SOCKET unusable ({e}); not notifying systemd");
+            Notifier::none()
+        }
+    };
+    let outcome = Daemon::start(path, notifier).and_then(Daemon::run);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Config(e)) => {
+            log::error!("{e}");
+            ExitCode::from(EX_CONFIG)
+        }
+        Err(e) => {
+            log::error!("{e}");
+            sink::flush();
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! What a service is to the daemon: a plain struct behind a small interface.
+//!
+//! What it is: the [`Service`] trait the daemon drives (start-up scan,
+//! ready fds, due timers, exited children, reload, report, stop), the
+//! [`Ctx`] through which a service registers fds and timers and raises
+//! alerts, and the [`Report`] it fills for status and metrics. A service
+//! knows nothing of epoll beyond the tokens it registered.
+//! What it is not: the services themselves; they live beside this file and
+//! arrive one issue at a time.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::reactor::{QueueFull, Reactor, TimerId, Token};
+use crate::report::alerts::{Alert, Alerts};
+use crate::sys::clock::{Instant, WallTime};
+use crate::sys::process::ChildExit;
+
+/// How a service is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+    /// The value of the `edgekeeper_service_health` gauge.
+    pub fn gauge(self) -> u8 {
+        self as u8
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Only ever goes up (Prometheus `counter`, name ends in `_total`).
+    Counter,
+    /// Goes up and down (Prometheus `gauge`).
+    Gauge,
+}
+
+/// One number a service reports. `name` is used as is in status.json and
+/// as `edgekeeper_<service>_<name>` in metrics, so it carries its unit
+/// (`bytes_copied_total`, `watches`).
+#[derive(Clone, Copy, Debug)]
+pub struct Counter {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: CounterKind,
+    pub value: u64,
+}
+
+pub const MAX_COUNTERS: usize = 48;
+
+/// What a service says about itself in a status snapshot.
+pub struct Report {
+    pub health: Health,
+    pub reason: heapless::String<240>,
+    pub counters: heapless::Vec<Counter, MAX_COUNTERS>,
+    /// inotify watches this service holds.
+    pub watches: u64,
+    /// Processes this service tracks.
+    pub tracked: u64,
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Report {
+            health: Health::Healthy,
+            reason: heapless::String::new(),
+            counters: heapless::Vec::new(),
+            watches: 0,
+            tracked: 0,
+        }
+    }
+}
+
+impl Report {
+    pub fn counter(&mut self, name: &'static str, help: &'static str, value: u64) {
+        let _ = self.counters.push(Counter {
+            name,
+            help,
+            kind: CounterKind::Counter,
+            value,
+        });
+    }
+    pub fn gauge(&mut self, name: &'static str, help: &'static str, value: u64) {
+        let _ = self.counters.push(Counter {
+            name,
+            help,
+            kind: CounterKind::Gauge,
+            value,
+        });
+    }
+    /// Sets health to at least `health`, keeping the first reason given for
+    /// the worst state.
+    pub fn worsen(&mut self, health: Health, reason: core::fmt::Arguments<'_>) {
+        use core::fmt::Write;
+        if health > self.health {
+            self.health = health;
+            self.reason.clear();
+        }
+        if health == self.health && self.reason.is_empty() {
+            let _ = self.reason.write_fmt(reason);
+        }
+    }
+}
+
+/// What a service may touch while it handles something.
+pub struct Ctx<'a> {
+    pub reactor: &'a mut Reactor,
+    pub alerts: &'a mut Alerts,
+    pub now: Instant,
+    pub wall: WallTime,
+    /// Set it when something that belongs in state.json changed.
+    pub state_changed: &'a mut bool,
+    pub owner: u16,
+}
+
+/// Bits of a token that carry the owner; the rest is the service's own.
+pub const TOKEN_OWNER_SHIFT: u32 = 48;
+
+impl Ctx<'_> {
+    /// Registers `fd`; it comes back to this service as `on_ready(local)`.
+    pub fn register(&mut self, fd: BorrowedFd<'_>, local: u64) -> io::Result<()> {
+        self.reactor.register(fd, Token(token(self.owner, local)))
+    }
+    pub fn deregister(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.reactor.deregister(fd)
+    }
+    /// Queues timer `id` of this service at `at` (moving it if queued).
+    pub fn schedule(&mut self, at: Instant, id: u32) -> Result<(), QueueFull> {
+        self.reactor.schedule(
+            at,
+            TimerId {
+                owner: self.owner,
+                id,
+            },
+        )
+    }
+    pub fn cancel(&mut self, id: u32) {
+        self.reactor.cancel(TimerId {
+            owner: self.owner,
+            id,
+        })
+    }
+    pub fn raise(&mut self, alert: &Alert<'_>) {
+        if self.alerts.raise(alert, self.wall) {
+            *self.state_changed = true;
+        }
+    }
+}
+
+pub fn token(owner: u16, local: u64) -> u64 {
+    (u64::from(owner) << TOKEN_OWNER_SHIFT) | (local & ((1 << TOKEN_OWNER_SHIFT) - 1))
+}
+
+/// A service as the daemon sees it.
+pub trait Service {
+    /// `relocate`, `frames`, `govern` or `storage`.
+    fn name(&self) -> &'static str;
+    /// Start-up: scan, register fds and timers. Returns once the service is
+    /// ready (READY=1 is sent after every service's `start`).
+    fn start(&mut self, ctx: &mut Ctx<'_>) -> io::Result<()>;
+    /// A registered fd is readable.
+    fn on_ready(&mut self, local: u64, ctx: &mut Ctx<'_>);
+    /// A timer of this service is due.
+    fn on_timer(&mut self, id: u32, ctx: &mut Ctx<'_>);
+    /// A child exited; return true if it was this service's.
+    fn on_child_exit(&mut self, _pid: Pid, _exit: ChildExit, _ctx: &mut Ctx<'_>) -> bool {
+        false
+    }
+    /// The config was reloaded and is valid; adopt what can change live.
+    fn reload(&mut self, config: &Config, ctx: &mut Ctx<'_>);
+    /// Health and counters for the status snapshot.
+    fn report(&self, report: &mut Report);
+    /// The daemon is stopping: release what must not outlive it.
+    fn stop(&mut self, _ctx: &mut Ctx<'_>) {}
+}
+
+/// The services a config turns on, and the configured ones this build does
+/// not provide yet (reported as unhealthy rather than silently ignored).
+pub struct Built {
+    pub services: Vec<Box<dyn Service>>,
+    pub not_built: Vec<&'static str>,
+}
+
+/// Builds the services a config turns on.
+pub fn build(config: &Config) -> Built {
+    let services: Vec<Box<dyn Service>> = Vec::new();
+    let not_built = config.services();
+    Built {
+        services,
+        not_built,
+    }
+}
+
+/// Services this build provides, for `edgekeeper version`.
+pub const PROVIDED: &[&str] = &[];

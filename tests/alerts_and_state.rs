@@ -103,3 +103,43 @@ fn a_corrupt_state_file_is_moved_aside_and_the_daemon_starts_fresh() {
     assert_eq!(state["version"], 1);
     assert_eq!(state["lifetime"]["starts"], 1);
 }
+
+#[test]
+fn the_alert_command_gets_each_value_as_one_argument_without_a_shell() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new("alert-command");
+    let script = sb.path("notify.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nprintf '%s\\n' \"$#\" \"$@\" > \"$0.args\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // `$(touch pwned)` would run if a shell were involved.
+    sb.write_config(r#""alerts": {"dir": "alerts", "command": ["./notify.sh", "{level}", "{kind}", "{source}", "{message} $(touch pwned)", "v={value}"]}"#);
+    let good = std::fs::read_to_string(sb.config_path()).unwrap();
+    let daemon = sb.start();
+    sb.write_raw_config("{\"status_every\": 5}");
+    daemon.signal(Signal::SIGHUP);
+    let args = common::wait_for(std::time::Duration::from_secs(20), || {
+        std::fs::read_to_string(sb.path("notify.sh.args")).ok()
+    })
+    .expect("the alert command ran");
+    let lines: Vec<&str> = args.lines().collect();
+    assert_eq!(lines[0], "5", "five arguments: {args:?}");
+    assert_eq!(lines[1], "warning");
+    assert_eq!(lines[2], "config_invalid");
+    assert_eq!(lines[3], sb.config_path().to_str().unwrap());
+    assert!(
+        lines[4].contains("status_every: invalid type: integer `5`"),
+        "{args:?}"
+    );
+    assert!(lines[4].ends_with(" $(touch pwned)"));
+    assert_eq!(lines[5], "v=");
+    assert!(!sb.path("pwned").exists());
+    // The child is reaped from the loop, not left a zombie.
+    let s = daemon.status_where(|v| v["core"]["children_reaped"] == 1);
+    assert_eq!(s["alerts"]["command_failures"], 0);
+    sb.write_raw_config(&good);
+    assert_eq!(daemon.stop().0, 0);
+}

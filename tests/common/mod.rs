@@ -33,9 +33,15 @@ impl Sandbox {
 
     /// Writes `edgekeeper.json`: `extra` is spliced into a config whose
     /// state, run and log directories live in the sandbox.
+    /// Alerts go to `alerts/` unless `extra` has its own `alerts` block.
     pub fn write_config(&self, extra: &str) {
+        let alerts = if extra.contains("\"alerts\"") {
+            ""
+        } else {
+            ",\n  \"alerts\": {\"dir\": \"alerts\"}"
+        };
         let text = format!(
-            "{{\n  \"state_dir\": \"state\",\n  \"run_dir\": \"run\",\n  \"log\": {{\"file\": \"log/edgekeeper.log\", \"level\": \"debug\"}},\n  \"alerts\": {{\"dir\": \"alerts\"}}{}{extra}\n}}\n",
+            "{{\n  \"state_dir\": \"state\",\n  \"run_dir\": \"run\",\n  \"log\": {{\"file\": \"log/edgekeeper.log\", \"level\": \"debug\"}}{alerts}{}{extra}\n}}\n",
             if extra.is_empty() { "" } else { ",\n  " }
         );
         std::fs::write(self.config_path(), text).unwrap();
@@ -74,13 +80,26 @@ impl Sandbox {
             status: self.path("run/status.json"),
         };
         let pid = d.child.id();
-        wait_for(Duration::from_secs(20), || {
+        let mut d = d;
+        let up = wait_for(Duration::from_secs(20), || {
+            if let Ok(Some(_)) = d.child.try_wait() {
+                return Some(false);
+            }
             std::fs::read_to_string(&d.status)
                 .ok()
                 .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
                 .is_some_and(|v| v["pid"] == pid && v["running"] == true)
-        })
-        .unwrap_or_else(|| panic!("edgekeeper (pid {pid}) wrote no status snapshot"));
+                .then_some(true)
+        });
+        if up != Some(true) {
+            let _ = d.child.kill();
+            let status = d.child.wait().unwrap();
+            let mut err = String::new();
+            if let Some(mut e) = d.child.stderr.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+            }
+            panic!("edgekeeper (pid {pid}) wrote no status snapshot ({status}); stderr:\n{err}");
+        }
         d
     }
 

@@ -174,19 +174,12 @@ impl Daemon {
             daemon.raise(AlertLevel::Warning, "state_corrupt", &source, &message);
         }
         daemon.warn_not_built();
-        for i in 0..daemon.services.len() {
-            let owner = i as u16 + 1;
-            let mut ctx = Ctx {
-                reactor: &mut daemon.reactor,
-                alerts: &mut daemon.alerts,
-                now,
-                wall: WallTime::now(),
-                state_changed: &mut daemon.state_dirty,
-                owner,
-            };
-            let svc = &mut daemon.services[i];
-            svc.start(&mut ctx)
-                .map_err(io_err(format_args!("starting {}", svc.name())))?;
+        for owner in 1..=daemon.services.len() as u16 {
+            let started = daemon.with_service(owner, now, |svc, ctx| {
+                svc.start(ctx)
+                    .map_err(io_err(format_args!("starting {}", svc.name())))
+            });
+            started.unwrap_or(Ok(()))?;
         }
         daemon.schedule(
             STATUS,
@@ -290,18 +283,20 @@ impl Daemon {
         }
     }
 
-    fn with_service(
+    /// Calls `f` with service `owner` and a context for it; `None` if no
+    /// such service (a stale token or timer).
+    fn with_service<R>(
         &mut self,
         owner: u16,
         now: Instant,
-        f: impl FnOnce(&mut dyn Service, &mut Ctx<'_>),
-    ) {
+        f: impl FnOnce(&mut dyn Service, &mut Ctx<'_>) -> R,
+    ) -> Option<R> {
         let Some(svc) = (owner as usize)
             .checked_sub(1)
             .and_then(|i| self.services.get_mut(i))
         else {
             log::debug!("wake for unknown owner {owner}");
-            return;
+            return None;
         };
         let mut ctx = Ctx {
             reactor: &mut self.reactor,
@@ -311,7 +306,7 @@ impl Daemon {
             state_changed: &mut self.state_dirty,
             owner,
         };
-        f(svc.as_mut(), &mut ctx);
+        Some(f(svc.as_mut(), &mut ctx))
     }
 
     fn reap_children(&mut self) {
@@ -321,15 +316,10 @@ impl Daemon {
                 continue;
             }
             let now = Instant::now();
-            let mut claimed = false;
-            for owner in 1..=self.services.len() as u16 {
-                self.with_service(owner, now, |svc, ctx| {
-                    claimed = svc.on_child_exit(pid, exit, ctx)
-                });
-                if claimed {
-                    break;
-                }
-            }
+            let claimed = (1..=self.services.len() as u16).any(|owner| {
+                self.with_service(owner, now, |svc, ctx| svc.on_child_exit(pid, exit, ctx))
+                    == Some(true)
+            });
             if !claimed {
                 log::debug!("reaped unknown child {pid}: {exit:?}");
             }

@@ -39,35 +39,19 @@ impl Duration {
 
     /// Parses `"<integer><unit>"` with unit one of ms, s, m, h, d.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (number, unit) = split_number(text);
-        let number = parse_integer(number, text, "a duration", "\"10s\"")?;
-        let factor = DURATION_UNITS
-            .iter()
-            .find(|(name, _)| *name == unit)
-            .map(|(_, f)| *f)
-            .ok_or_else(|| {
-                format!(
-                    "invalid duration \"{text}\": unit must be one of ms, s, m, h, d (for example \"500ms\", \"10s\", \"7d\")"
-                )
-            })?;
-        number
-            .checked_mul(factor)
-            .map(Duration)
-            .ok_or_else(|| format!("invalid duration \"{text}\": too large"))
+        parse_with(
+            text,
+            &DURATION_UNITS,
+            "duration",
+            "\"500ms\", \"10s\", \"7d\"",
+        )
+        .map(Duration)
     }
 }
 
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 == 0 {
-            return f.write_str("0s");
-        }
-        let (unit, factor) = DURATION_UNITS
-            .iter()
-            .find(|(_, factor)| self.0 % factor == 0)
-            .copied()
-            .unwrap_or(("ms", 1));
-        write!(f, "{}{}", self.0 / factor, unit)
+        write_with(f, self.0, &DURATION_UNITS, "0s")
     }
 }
 
@@ -99,37 +83,59 @@ impl Size {
     /// Parses `"<integer><unit>"`: B, KB/MB/GB/TB (powers of 1000),
     /// KiB/MiB/GiB/TiB (powers of 1024).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (number, unit) = split_number(text);
-        let number = parse_integer(number, text, "a size", "\"100MB\"")?;
-        let factor = SIZE_UNITS
-            .iter()
-            .find(|(name, _)| *name == unit)
-            .map(|(_, f)| *f)
-            .ok_or_else(|| {
-                format!(
-                    "invalid size \"{text}\": unit must be one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (for example \"512KB\", \"4GiB\")"
-                )
-            })?;
-        number
-            .checked_mul(factor)
-            .map(Size)
-            .ok_or_else(|| format!("invalid size \"{text}\": too large"))
+        parse_with(text, &SIZE_UNITS, "size", "\"512KB\", \"4GiB\"").map(Size)
     }
 }
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 == 0 {
-            return f.write_str("0B");
-        }
-        let (unit, factor) = SIZE_UNITS
-            .iter()
-            .filter(|(name, _)| *name != "kB")
-            .find(|(_, factor)| self.0 % factor == 0)
-            .copied()
-            .unwrap_or(("B", 1));
-        write!(f, "{}{}", self.0 / factor, unit)
+        write_with(f, self.0, &SIZE_UNITS, "0B")
     }
+}
+
+/// `"<integer><unit>"` → integer × the unit's factor.
+fn parse_with(
+    text: &str,
+    units: &[(&str, u64)],
+    what: &str,
+    examples: &str,
+) -> Result<u64, String> {
+    let (number, unit) = split_number(text);
+    let number = parse_integer(number, text, what, examples)?;
+    let factor = units
+        .iter()
+        .find(|(name, _)| *name == unit)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| {
+            let names: Vec<&str> = units.iter().map(|(n, _)| *n).collect();
+            format!(
+                "invalid {what} \"{text}\": unit must be one of {} (for example {examples})",
+                names.join(", ")
+            )
+        })?;
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("invalid {what} \"{text}\": too large"))
+}
+
+/// Writes `value` in the first (largest) unit that divides it exactly.
+/// Units listed with a factor that another unit already has print under the
+/// first name only.
+fn write_with(
+    f: &mut fmt::Formatter<'_>,
+    value: u64,
+    units: &[(&str, u64)],
+    zero: &str,
+) -> fmt::Result {
+    if value == 0 {
+        return f.write_str(zero);
+    }
+    let (unit, factor) = units
+        .iter()
+        .find(|(_, factor)| value % factor == 0)
+        .copied()
+        .unwrap_or(("", 1));
+    write!(f, "{}{unit}", value / factor)
 }
 
 fn split_number(text: &str) -> (&str, &str) {
@@ -140,19 +146,15 @@ fn split_number(text: &str) -> (&str, &str) {
     (&text[..end], text[end..].trim_start())
 }
 
-fn parse_integer(number: &str, text: &str, what: &str, example: &str) -> Result<u64, String> {
+fn parse_integer(number: &str, text: &str, what: &str, examples: &str) -> Result<u64, String> {
     if number.is_empty() {
         return Err(format!(
-            "invalid {} \"{text}\": expected a whole number and a unit, like {example}",
-            what.trim_start_matches("a ")
+            "invalid {what} \"{text}\": expected a whole number and a unit, like {examples}"
         ));
     }
-    number.parse::<u64>().map_err(|_| {
-        format!(
-            "invalid {} \"{text}\": number too large",
-            what.trim_start_matches("a ")
-        )
-    })
+    number
+        .parse::<u64>()
+        .map_err(|_| format!("invalid {what} \"{text}\": number too large"))
 }
 
 macro_rules! string_unit_serde {

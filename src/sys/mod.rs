@@ -8,7 +8,10 @@
 
 pub mod alloc;
 pub mod clock;
+pub mod dir;
 pub mod fs;
+pub mod inotify;
 pub mod lock;
 pub mod notify;
+pub mod pattern;
 pub mod process;

@@ -21,7 +21,7 @@ use crate::reactor::{Reactor, TimerId, Wake};
 use crate::report::alerts::{Alert, AlertLevel, Alerts};
 use crate::report::status::{CoreCounters, Snapshot, StatusFiles};
 use crate::report::{self, log as sink};
-use crate::services::{self, Ctx, Service, TOKEN_OWNER_SHIFT};
+use crate::services::{self, Ctx, Pieces, Service, TOKEN_OWNER_SHIFT};
 use crate::state::{self, Lifetime, StateStore};
 use crate::sys::clock::{Instant, WallTime};
 use crate::sys::lock::{InstanceLock, LockError};
@@ -89,6 +89,8 @@ pub struct Daemon {
     alerts: Alerts,
     services: Vec<Box<dyn Service>>,
     not_built: Vec<&'static str>,
+    /// Scratch for the services' status details and saved state.
+    pieces: Pieces,
     core: CoreCounters,
     started: WallTime,
     started_at: Instant,
@@ -126,12 +128,19 @@ impl Daemon {
             64,
         )
         .map_err(io_err("event loop"))?;
+        let mut built = built;
+        for svc in &mut built.services {
+            if let Some(saved) = opened.loaded.services.get(svc.name()) {
+                svc.restore_state(saved);
+            }
+        }
         let mut alerts = Alerts::new(&config.alerts);
         alerts.restore(opened.loaded.alert_cooldowns);
         let mut lifetime = opened.loaded.lifetime;
         lifetime.starts += 1;
         let status_files = StatusFiles::new(&config.run_dir)
             .map_err(io_err(format_args!("run_dir {}", config.run_dir.display())))?;
+        let pieces = Pieces::with_capacity(16 * 1024 + 256 * config_limits_tracked(&config));
         let now = Instant::now();
         let mut daemon = Daemon {
             config_path_text: config_path.display().to_string(),
@@ -147,6 +156,7 @@ impl Daemon {
             state_dirty: true,
             lifetime,
             alerts,
+            pieces,
             services: built.services,
             not_built: built.not_built,
             core: CoreCounters::default(),
@@ -445,6 +455,8 @@ impl Daemon {
     }
 
     fn save_state(&mut self, now: Instant) {
+        self.pieces
+            .collect(&self.services, |svc, out| svc.save_state(out));
         let mut lifetime = self.lifetime;
         lifetime.alerts_raised += self.alerts.raised;
         lifetime.alerts_suppressed += self.alerts.suppressed;
@@ -452,6 +464,7 @@ impl Daemon {
             saved_at: WallTime::now(),
             lifetime,
             alert_cooldowns: self.alerts.cooldowns(),
+            services: Some(&self.pieces),
         };
         match self.state.save(&snapshot, now) {
             Ok(()) => {
@@ -470,6 +483,8 @@ impl Daemon {
     }
 
     fn write_status(&mut self, running: bool) {
+        self.pieces
+            .collect(&self.services, |svc, out| svc.details(out));
         let now = WallTime::now();
         let mut lifetime = self.lifetime;
         lifetime.alerts_raised += self.alerts.raised;
@@ -489,6 +504,7 @@ impl Daemon {
             log: sink::stats(),
             lifetime,
             services: &self.services,
+            details: &self.pieces,
             not_built: &self.not_built,
             alerts: &self.alerts,
         };
@@ -520,5 +536,14 @@ impl Daemon {
         self.write_status(false);
         log::info!("stopped");
         sink::flush();
+    }
+}
+
+/// Bytes of service state to expect per tracked process.
+fn config_limits_tracked(config: &Config) -> usize {
+    if config.govern.is_some() {
+        config.limits.max_tracked_processes as usize
+    } else {
+        0
     }
 }

@@ -37,6 +37,7 @@ enum Command {
     Run(RunCmd),
     Check(CheckCmd),
     Status(StatusCmd),
+    Sweep(SweepCmd),
     Version(VersionCmd),
 }
 
@@ -57,6 +58,19 @@ struct StatusCmd {
     /// print the raw JSON snapshot
     #[argh(switch)]
     json: bool,
+}
+
+#[derive(FromArgs)]
+/// One full pass of relocate sweeps, storage retention and orphan cleanup
+/// now, then exit; prints what it moved or deleted.
+#[argh(subcommand, name = "sweep")]
+struct SweepCmd {
+    /// only this service: relocate or storage
+    #[argh(option)]
+    only: Option<String>,
+    /// print what would be done, change nothing
+    #[argh(switch)]
+    dry_run: bool,
 }
 
 #[derive(FromArgs)]
@@ -105,6 +119,7 @@ fn main() -> ExitCode {
         Command::Run(_) => run(&path),
         Command::Check(_) => check(&path),
         Command::Status(cmd) => show_status(&path, cmd.json),
+        Command::Sweep(cmd) => sweep(&path, cmd.only.as_deref(), cmd.dry_run),
         Command::Version(_) => {
             println!("edgekeeper {}", env!("CARGO_PKG_VERSION"));
             println!("target: {}", env!("EDGEKEEPER_TARGET"));
@@ -163,6 +178,59 @@ fn show_status(path: &std::path::Path, json: bool) -> ExitCode {
             eprintln!("edgekeeper: {why}");
             ExitCode::from(EX_NOT_RUNNING)
         }
+    }
+}
+
+/// The services `sweep` runs.
+const SWEEPING: [&str; 2] = ["relocate", "storage"];
+
+fn sweep(path: &std::path::Path, only: Option<&str>, dry_run: bool) -> ExitCode {
+    if let Some(name) = only {
+        if !SWEEPING.contains(&name) {
+            eprintln!("edgekeeper: --only takes relocate or storage, not {name:?}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    sink::init_stderr(log::LevelFilter::Warn);
+    let built = services::build(&config);
+    let wanted = |name: &str| SWEEPING.contains(&name) && only.is_none_or(|o| o == name);
+    for name in built.not_built.iter().filter(|n| wanted(n)) {
+        eprintln!("edgekeeper: {name} is configured, but this build does not provide it yet");
+    }
+    if let Some(name) = only {
+        if !config.services().contains(&name) {
+            eprintln!("edgekeeper: {name} is not configured in {}", path.display());
+            return ExitCode::from(EX_CONFIG);
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0;
+    for mut svc in built.services.into_iter().filter(|s| wanted(s.name())) {
+        match svc.sweep(dry_run, &mut out) {
+            Ok(totals) => {
+                let verb = if dry_run { "would act on" } else { "acted on" };
+                eprintln!(
+                    "{}: {verb} {} file(s), {} failed",
+                    svc.name(),
+                    totals.acted,
+                    totals.failed
+                );
+                failed += totals.failed;
+            }
+            Err(e) => {
+                eprintln!("edgekeeper: {}: {e}", svc.name());
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

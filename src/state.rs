@@ -16,6 +16,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::report::alerts::Cooldown;
+use crate::services::Pieces;
 use crate::sys::clock::{Instant, WallTime};
 use crate::sys::fs::AtomicFile;
 
@@ -41,6 +42,8 @@ pub struct Loaded {
     pub version: u32,
     pub lifetime: Lifetime,
     pub alert_cooldowns: Vec<Cooldown>,
+    /// Each service's own state, as it wrote it.
+    pub services: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The state as written: borrowed from the live daemon, never copied.
@@ -48,17 +51,34 @@ pub struct Snapshot<'a> {
     pub saved_at: WallTime,
     pub lifetime: Lifetime,
     pub alert_cooldowns: &'a [Cooldown],
+    pub services: Option<&'a Pieces>,
+}
+
+struct ServiceStates<'a>(&'a Pieces);
+
+impl Serialize for ServiceStates<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (name, raw) in self.0.iter() {
+            m.serialize_entry(name, &raw)?;
+        }
+        m.end()
+    }
 }
 
 impl Serialize for Snapshot<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut at = heapless::String::<32>::new();
         let _ = core::fmt::Write::write_fmt(&mut at, format_args!("{}", self.saved_at.iso()));
-        let mut st = s.serialize_struct("State", 4)?;
+        let mut st = s.serialize_struct("State", 5)?;
         st.serialize_field("version", &VERSION)?;
         st.serialize_field("saved_at", at.as_str())?;
         st.serialize_field("lifetime", &self.lifetime)?;
         st.serialize_field("alert_cooldowns", self.alert_cooldowns)?;
+        if let Some(pieces) = self.services {
+            st.serialize_field("services", &ServiceStates(pieces))?;
+        }
         st.end()
     }
 }
@@ -190,6 +210,7 @@ mod tests {
             saved_at: WallTime::now(),
             lifetime,
             alert_cooldowns: &cooldowns,
+            services: None,
         };
         // A buffer too small for the state grows instead of failing.
         opened.store.save(&snap, Instant::now()).unwrap();
@@ -238,6 +259,7 @@ mod tests {
             saved_at: WallTime::now(),
             lifetime: Lifetime::default(),
             alert_cooldowns: &[],
+            services: None,
         };
         store.save(&snap, t).unwrap();
         assert_eq!(

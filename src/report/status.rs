@@ -17,7 +17,7 @@ use serde::{Serialize, Serializer};
 use super::alerts::Alerts;
 use super::log::LogStats;
 use super::metrics;
-use crate::services::{Health, Report, Service};
+use crate::services::{Health, Pieces, RawJson, Report, Service};
 use crate::state::Lifetime;
 use crate::sys::clock::WallTime;
 use crate::sys::fs::AtomicFile;
@@ -54,6 +54,8 @@ pub struct Snapshot<'a> {
     pub log: LogStats,
     pub lifetime: Lifetime,
     pub services: &'a [Box<dyn Service>],
+    /// Each service's `details`, written just before the snapshot.
+    pub details: &'a Pieces,
     /// Configured services this build does not provide yet.
     pub not_built: &'a [&'static str],
     pub alerts: &'a Alerts,
@@ -73,14 +75,14 @@ impl Serialize for Iso {
     }
 }
 
-struct Services<'a>(&'a [Box<dyn Service>], &'a [&'static str]);
+struct Services<'a>(&'a [Box<dyn Service>], &'a [&'static str], &'a Pieces);
 
-struct ServiceDoc<'a>(&'a Report);
+struct ServiceDoc<'a>(&'a Report, Option<RawJson<'a>>);
 
 impl Serialize for ServiceDoc<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut st = s.serialize_struct("Service", 5)?;
+        let mut st = s.serialize_struct("Service", 6)?;
         st.serialize_field("health", &r.health)?;
         st.serialize_field(
             "reason",
@@ -89,6 +91,9 @@ impl Serialize for ServiceDoc<'_> {
         st.serialize_field("counters", &Counters(r))?;
         st.serialize_field("watches", &r.watches)?;
         st.serialize_field("tracked", &r.tracked)?;
+        if let Some(details) = &self.1 {
+            st.serialize_field("details", details)?;
+        }
         st.end()
     }
 }
@@ -111,7 +116,7 @@ impl Serialize for Services<'_> {
         for svc in self.0 {
             let mut report = Report::default();
             svc.report(&mut report);
-            m.serialize_entry(svc.name(), &ServiceDoc(&report))?;
+            m.serialize_entry(svc.name(), &ServiceDoc(&report, self.2.get(svc.name())))?;
         }
         for name in self.1 {
             let mut report = Report::default();
@@ -119,7 +124,7 @@ impl Serialize for Services<'_> {
                 Health::Unhealthy,
                 format_args!("configured, but this edgekeeper build does not provide {name} yet"),
             );
-            m.serialize_entry(name, &ServiceDoc(&report))?;
+            m.serialize_entry(name, &ServiceDoc(&report, None))?;
         }
         m.end()
     }
@@ -221,7 +226,10 @@ impl Serialize for Snapshot<'_> {
         st.serialize_field("core", self.core)?;
         st.serialize_field("log", &self.log)?;
         st.serialize_field("lifetime", &self.lifetime)?;
-        st.serialize_field("services", &Services(self.services, self.not_built))?;
+        st.serialize_field(
+            "services",
+            &Services(self.services, self.not_built, self.details),
+        )?;
         st.serialize_field(
             "watches",
             &Usage {

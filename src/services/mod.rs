@@ -186,8 +186,37 @@ pub trait Service {
     fn reload(&mut self, config: &Config, ctx: &mut Ctx<'_>);
     /// Health and counters for the status snapshot.
     fn report(&self, report: &mut Report);
+    /// More for status.json, shown as `services.<name>.details`: one JSON
+    /// value written into `out` with `serde_json_core::to_slice`; `Ok(0)`
+    /// for none. `BufferFull` makes the daemon retry with a larger buffer.
+    fn details(&self, _out: &mut [u8]) -> serde_json_core::ser::Result<usize> {
+        Ok(0)
+    }
+    /// What must survive a restart, as one JSON value written into `out`
+    /// (kept in state.json under `services.<name>`); `Ok(0)` for nothing.
+    /// Set `Ctx::state_changed` when it changes.
+    fn save_state(&self, _out: &mut [u8]) -> serde_json_core::ser::Result<usize> {
+        Ok(0)
+    }
+    /// What `save_state` wrote before the restart; called before `start`.
+    fn restore_state(&mut self, _saved: &serde_json::Value) {}
     /// The daemon is stopping: release what must not outlive it.
     fn stop(&mut self, _ctx: &mut Ctx<'_>) {}
+    /// `edgekeeper sweep`: one full pass now, in a process of its own (the
+    /// daemon may be running too), writing one line per action to `out`, or
+    /// per action it would take with `dry_run`. Runs without the reactor.
+    fn sweep(&mut self, _dry_run: bool, _out: &mut dyn io::Write) -> io::Result<SweepTotals> {
+        Ok(SweepTotals::default())
+    }
+}
+
+/// What a one-shot sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepTotals {
+    /// Files moved or deleted (or that would be, in a dry run).
+    pub acted: u64,
+    /// Actions that failed; the files stay where they are.
+    pub failed: u64,
 }
 
 /// The services a config turns on, and the configured ones this build does
@@ -197,7 +226,8 @@ pub struct Built {
     pub not_built: Vec<&'static str>,
 }
 
-/// Builds the services a config turns on.
+/// Builds the services a config turns on. Constructors only take the
+/// config in: no file is touched, no fd is made until `start` (or `sweep`).
 pub fn build(config: &Config) -> Built {
     let services: Vec<Box<dyn Service>> = Vec::new();
     let not_built = config.services();
@@ -209,3 +239,77 @@ pub fn build(config: &Config) -> Built {
 
 /// Services this build provides, for `edgekeeper version`.
 pub const PROVIDED: &[&str] = &[];
+
+/// JSON pieces written by each service into one buffer made at start, to be
+/// embedded in status.json or state.json without copying or allocating.
+pub struct Pieces {
+    buf: Vec<u8>,
+    spans: heapless::Vec<(&'static str, usize, usize), 8>,
+}
+
+/// A piece of JSON that is already serialised. Embeds it verbatim through
+/// serde-json-core (whose `serialize_bytes` writes raw bytes); only for
+/// that serializer.
+pub struct RawJson<'a>(pub &'a [u8]);
+
+impl Serialize for RawJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+impl Pieces {
+    pub fn with_capacity(bytes: usize) -> Pieces {
+        Pieces {
+            buf: vec![0; bytes.max(1024)],
+            spans: heapless::Vec::new(),
+        }
+    }
+
+    /// Asks each service for its piece with `write`.
+    pub fn collect(
+        &mut self,
+        services: &[Box<dyn Service>],
+        write: impl Fn(&dyn Service, &mut [u8]) -> serde_json_core::ser::Result<usize>,
+    ) {
+        self.spans.clear();
+        let mut at = 0;
+        for svc in services {
+            let n = loop {
+                match write(svc.as_ref(), &mut self.buf[at..]) {
+                    Ok(n) if at + n < self.buf.len() => break n,
+                    Ok(_) | Err(serde_json_core::ser::Error::BufferFull) => {
+                        let len = self.buf.len() * 2;
+                        log::warn!(
+                            "{}: status/state piece outgrew its buffer; growing it to {len} bytes",
+                            svc.name()
+                        );
+                        self.buf.resize(len, 0);
+                    }
+                    Err(e) => {
+                        log::error!("{}: cannot serialise its status/state: {e}", svc.name());
+                        break 0;
+                    }
+                }
+            };
+            if n > 0 {
+                let _ = self.spans.push((svc.name(), at, at + n));
+                at += n;
+            }
+        }
+    }
+
+    /// The piece of service `name`, if it wrote one.
+    pub fn get(&self, name: &str) -> Option<RawJson<'_>> {
+        self.spans
+            .iter()
+            .find(|s| s.0 == name)
+            .map(|&(_, a, b)| RawJson(&self.buf[a..b]))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, RawJson<'_>)> {
+        self.spans
+            .iter()
+            .map(|&(n, a, b)| (n, RawJson(&self.buf[a..b])))
+    }
+}

@@ -12,6 +12,7 @@
 //! - [`report`]: field log, status snapshot, Prometheus file, alerts.
 //! - [`state`]: what survives a restart (`state_dir/state.json`).
 //! - [`sys`]: the platform layer, the only place with `unsafe`.
+//! - [`watch`]: the recursive watch table (wd ↔ parent + name).
 
 pub mod config;
 pub mod daemon;
@@ -20,3 +21,4 @@ pub mod report;
 pub mod services;
 pub mod state;
 pub mod sys;
+pub mod watch;

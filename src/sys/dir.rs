@@ -213,7 +213,6 @@ pub struct WalkErrors {
 
 struct Level {
     dir: Option<DirStream>,
-    buf: Vec<u8>,
     filled: usize,
     pos: usize,
     /// Length of this directory's path in `Walker::path`.
@@ -223,30 +222,43 @@ struct Level {
 /// A resumable depth-first walk of one tree.
 pub struct Walker {
     levels: Vec<Level>,
-    max_levels: usize,
+    /// One buffer for all levels, made at once: the pages of levels a walk
+    /// never reaches are never touched.
+    bufs: Vec<u8>,
     buf_size: usize,
     /// Levels in use: 0 when no walk is under way.
     depth: usize,
     /// The path of the directory or entry being visited.
     path: Vec<u8>,
     pub errors: WalkErrors,
+    /// Entries visited since `start`.
+    pub visited: u64,
 }
 
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 
 impl Walker {
     /// A walker for trees up to `max_levels` deep (the root is level 1),
-    /// each level reading with a `level_buffer`-byte buffer. A level's
-    /// buffer is made the first time the walk goes that deep, then kept.
+    /// each level reading with a `level_buffer`-byte buffer. Everything is
+    /// made here; walking allocates nothing.
     pub fn new(max_levels: usize, level_buffer: usize) -> Walker {
         let max_levels = max_levels.max(1);
+        let buf_size = level_buffer.max(DIRENT_HEADER + 256);
         Walker {
-            levels: Vec::with_capacity(max_levels),
-            max_levels,
-            buf_size: level_buffer.max(DIRENT_HEADER + 256),
+            levels: (0..max_levels)
+                .map(|_| Level {
+                    dir: None,
+                    filled: 0,
+                    pos: 0,
+                    path_len: 0,
+                })
+                .collect(),
+            bufs: vec![0; max_levels * buf_size],
+            buf_size,
             depth: 0,
             path: Vec::with_capacity(PATH_MAX),
             errors: WalkErrors::default(),
+            visited: 0,
         }
     }
 
@@ -254,6 +266,7 @@ impl Walker {
     pub fn start(&mut self, root: &Path) -> io::Result<()> {
         self.abort();
         self.errors = WalkErrors::default();
+        self.visited = 0;
         let dir = DirStream::open(root)?;
         let bytes = std::os::unix::ffi::OsStrExt::as_bytes(root.as_os_str());
         let bytes = match bytes {
@@ -283,15 +296,6 @@ impl Walker {
 
     fn push_level(&mut self, dir: DirStream) {
         let path_len = self.path.len();
-        if self.depth == self.levels.len() {
-            self.levels.push(Level {
-                dir: None,
-                buf: vec![0; self.buf_size],
-                filled: 0,
-                pos: 0,
-                path_len: 0,
-            });
-        }
         let level = &mut self.levels[self.depth];
         level.dir = Some(dir);
         level.filled = 0;
@@ -316,12 +320,14 @@ impl Walker {
         mut budget: usize,
         visit: &mut dyn FnMut(Visit<'_>) -> Decision,
     ) -> Progress {
+        let max_levels = self.levels.len();
         while budget > 0 && self.depth > 0 {
             let top = self.depth - 1;
             let level = &mut self.levels[top];
+            let buf = &mut self.bufs[top * self.buf_size..(top + 1) * self.buf_size];
             if level.pos >= level.filled {
                 let Some(dir) = level.dir.as_mut() else { break };
-                match dir.read(&mut level.buf) {
+                match dir.read(buf) {
                     Ok(n) if n > 0 => {
                         level.filled = n;
                         level.pos = 0;
@@ -341,7 +347,7 @@ impl Walker {
                     }
                 }
             }
-            let record = &level.buf[level.pos..level.filled];
+            let record = &buf[level.pos..level.filled];
             let Some(entry) = Entries::new(record).next() else {
                 level.pos = level.filled;
                 continue;
@@ -351,6 +357,7 @@ impl Walker {
                 continue;
             }
             budget -= 1;
+            self.visited += 1;
             let Some(dir) = level.dir.as_ref() else { break };
             let dirfd = dir.as_fd();
             let name = entry.name;
@@ -389,7 +396,7 @@ impl Walker {
             if decision == Decision::Skip {
                 continue;
             }
-            if self.depth == self.max_levels {
+            if self.depth == max_levels {
                 self.errors.too_deep += 1;
                 continue;
             }

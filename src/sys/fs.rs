@@ -219,3 +219,76 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Opens an unnamed file in `dir` (`O_TMPFILE`): it has no name until
+/// [`link_unnamed`] gives it one, so a crash mid-copy leaves nothing behind.
+/// Fails with `EOPNOTSUPP`/`EISDIR`/`EINVAL` where the file system lacks it.
+pub fn open_unnamed(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(openat(
+        dir,
+        c".",
+        OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?)
+}
+
+/// Gives the unnamed file `fd` the name `name` in `dir`, failing with
+/// `EEXIST` rather than replacing anything (link(2) never replaces).
+pub fn link_unnamed(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // "/proc/self/fd/<n>" in a stack buffer: linkat with AT_SYMLINK_FOLLOW on
+    // that magic link needs no privilege (AT_EMPTY_PATH would).
+    let mut buf = [0u8; 32];
+    let mut w = &mut buf[..];
+    write!(w, "/proc/self/fd/{}\0", fd.as_raw_fd())?;
+    let len = buf.iter().position(|&b| b == 0).map_or(0, |p| p + 1);
+    let proc_path = CStr::from_bytes_with_nul(&buf[..len]).map_err(io::Error::other)?;
+    linkat(
+        nix::fcntl::AT_FDCWD,
+        proc_path,
+        dir,
+        name,
+        AtFlags::AT_SYMLINK_FOLLOW,
+    )?;
+    Ok(())
+}
+
+/// What a read-lease probe says about writers of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// We hold a read lease: nobody has the file open for writing, and the
+    /// kernel will tell [`lease_broken`] if someone opens it for writing.
+    Held,
+    /// Somebody has the file open for writing.
+    Writer,
+    /// Leases are not possible here (not the owner without CAP_LEASE, or a
+    /// file system without them); the errno says which.
+    Unavailable(i32),
+}
+
+/// Takes a read lease on `fd` (opened read-only). A lease break is signalled
+/// with SIGIO: callers keep SIGIO blocked so it never kills the process.
+pub fn take_read_lease(fd: BorrowedFd<'_>) -> Lease {
+    // SAFETY: fcntl(F_SETLEASE) takes an integer argument and touches no
+    // memory of ours; the fd is valid for the borrow.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if rc == 0 {
+        return Lease::Held;
+    }
+    match Errno::last() {
+        Errno::EAGAIN => Lease::Writer,
+        e => Lease::Unavailable(e as i32),
+    }
+}
+
+/// True if a writer tried to open the file since the lease was taken.
+pub fn lease_broken(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: fcntl(F_GETLEASE) has no argument and touches no memory of ours.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETLEASE) };
+    rc != libc::F_RDLCK
+}
+
+/// Gives the lease back (a waiting writer may then open the file).
+pub fn release_lease(fd: BorrowedFd<'_>) {
+    // SAFETY: as in `take_read_lease`.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+}

@@ -8,6 +8,7 @@
 //!   validation with key paths.
 //! - [`reactor`]: epoll, one timerfd driving a deadline queue, signalfd.
 //! - [`daemon`]: `edgekeeper run`: start-up, dispatch, reload, stop.
+//! - [`demo`]: `edgekeeper demo`: a sandbox where the real daemon works.
 //! - [`services`]: the interface every service implements, and the services.
 //! - [`report`]: field log, status snapshot, Prometheus file, alerts.
 //! - [`state`]: what survives a restart (`state_dir/state.json`).
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod reactor;
 pub mod report;
 pub mod services;

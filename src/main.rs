@@ -38,6 +38,7 @@ enum Command {
     Check(CheckCmd),
     Status(StatusCmd),
     Sweep(SweepCmd),
+    Demo(DemoCmd),
     Version(VersionCmd),
 }
 
@@ -71,6 +72,19 @@ struct SweepCmd {
     /// print what would be done, change nothing
     #[argh(switch)]
     dry_run: bool,
+}
+
+#[derive(FromArgs)]
+/// Make a sandbox, run the daemon on it while generating real work for every
+/// service, and print what happened. Needs no root.
+#[argh(subcommand, name = "demo")]
+struct DemoCmd {
+    /// how long to generate work (default 10)
+    #[argh(option, default = "10")]
+    seconds: u64,
+    /// the sandbox directory (default ./edgekeeper-demo)
+    #[argh(option, default = "PathBuf::from(\"edgekeeper-demo\")")]
+    dir: PathBuf,
 }
 
 #[derive(FromArgs)]
@@ -120,6 +134,16 @@ fn main() -> ExitCode {
         Command::Check(_) => check(&path),
         Command::Status(cmd) => show_status(&path, cmd.json),
         Command::Sweep(cmd) => sweep(&path, cmd.only.as_deref(), cmd.dry_run),
+        Command::Demo(cmd) => {
+            match edgekeeper::demo::run(&cmd.dir, cmd.seconds, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("edgekeeper demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Version(_) => {
             println!("edgekeeper {}", env!("CARGO_PKG_VERSION"));
             println!("target: {}", env!("EDGEKEEPER_TARGET"));

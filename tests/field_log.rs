@@ -87,10 +87,7 @@ fn journal_stderr_gets_priority_prefixes() {
     c.env("JOURNAL_STREAM", "1:1")
         .stderr(std::process::Stdio::piped());
     let child = c.spawn().unwrap();
-    let d = common::Daemon {
-        child,
-        status: sb.path("run/status.json"),
-    };
+    let d = common::Daemon::new(child, sb.path("run/status.json"));
     common::wait_for(std::time::Duration::from_secs(20), || {
         d.status()["pid"] == d.pid() && d.status()["running"] == true
     })

@@ -10,8 +10,6 @@
 //! What it is not: the inotify instance, or policy about what to watch; the
 //! relocate service decides that and keeps this table in step with the kernel.
 
-use std::collections::HashMap;
-
 /// A slot index. The root of a tree is a slot whose parent is [`NO_SLOT`].
 pub type Slot = u32;
 pub const NO_SLOT: Slot = u32::MAX;
@@ -37,7 +35,7 @@ pub enum Full {
 pub struct WatchTable {
     entries: Vec<Entry>,
     free: Vec<Slot>,
-    by_wd: HashMap<i32, Slot>,
+    by_wd: WdMap,
     names: Vec<u8>,
     /// Scratch for compaction: live slots in arena order.
     order: Vec<Slot>,
@@ -54,9 +52,7 @@ impl WatchTable {
         WatchTable {
             entries: Vec::with_capacity(max),
             free: Vec::with_capacity(max),
-            // Twice the slots: tombstones left by removals are then always
-            // cleared by an in-place rehash, never by a reallocation.
-            by_wd: HashMap::with_capacity(2 * max),
+            by_wd: WdMap::new(max),
             names: Vec::with_capacity((max * NAME_BYTES_PER_WATCH).max(64 * 1024)),
             order: Vec::with_capacity(max),
             live: 0,
@@ -80,7 +76,7 @@ impl WatchTable {
     /// `wd` is already known (inotify returns the same wd for the same
     /// directory), its slot is updated and returned.
     pub fn insert(&mut self, wd: i32, parent: Slot, name: &[u8]) -> Result<Slot, Full> {
-        if let Some(&slot) = self.by_wd.get(&wd) {
+        if let Some(slot) = self.by_wd.get(wd) {
             self.rename(slot, parent, name)?;
             return Ok(slot);
         }
@@ -144,14 +140,14 @@ impl WatchTable {
         }
         e.live = false;
         let wd = e.wd;
-        self.by_wd.remove(&wd);
+        self.by_wd.remove(wd);
         self.free.push(slot);
         self.live -= 1;
         Some(wd)
     }
 
     pub fn slot_of(&self, wd: i32) -> Option<Slot> {
-        self.by_wd.get(&wd).copied()
+        self.by_wd.get(wd)
     }
 
     pub fn wd_of(&self, slot: Slot) -> Option<i32> {
@@ -266,6 +262,97 @@ impl WatchTable {
     }
 }
 
+/// Watch descriptor → slot: open addressing with linear probing over a
+/// power-of-two table at least twice the slots, removal by backward shift
+/// (no tombstones, so it never degrades or grows). The kernel hands out wds
+/// in increasing order, and the wd itself is the hash, so the buckets in
+/// use are few and close together: the pages of an unused table are never
+/// touched (it is zero-filled by the allocator; 0 is never a wd).
+struct WdMap {
+    buckets: Vec<u64>,
+    mask: usize,
+}
+
+impl WdMap {
+    fn new(max: usize) -> WdMap {
+        let size = (2 * max).next_power_of_two().max(16);
+        WdMap {
+            buckets: vec![0; size],
+            mask: size - 1,
+        }
+    }
+
+    fn key(b: u64) -> i32 {
+        (b >> 32) as i32
+    }
+
+    fn home(&self, wd: i32) -> usize {
+        wd as u32 as usize & self.mask
+    }
+
+    fn get(&self, wd: i32) -> Option<Slot> {
+        let mut i = self.home(wd);
+        loop {
+            let b = self.buckets[i];
+            if b == 0 {
+                return None;
+            }
+            if Self::key(b) == wd {
+                return Some(b as u32);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Inserts or updates; the caller keeps the count below half the size.
+    fn insert(&mut self, wd: i32, slot: Slot) {
+        debug_assert!(wd != 0);
+        let entry = (u64::from(wd as u32) << 32) | u64::from(slot);
+        let mut i = self.home(wd);
+        loop {
+            let b = self.buckets[i];
+            if b == 0 || Self::key(b) == wd {
+                self.buckets[i] = entry;
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    fn remove(&mut self, wd: i32) {
+        let mut i = self.home(wd);
+        loop {
+            let b = self.buckets[i];
+            if b == 0 {
+                return;
+            }
+            if Self::key(b) == wd {
+                break;
+            }
+            i = (i + 1) & self.mask;
+        }
+        // Backward shift: pull later members of the run into the hole when
+        // their home is not between the hole and them.
+        let mut hole = i;
+        let mut j = (i + 1) & self.mask;
+        loop {
+            let b = self.buckets[j];
+            if b == 0 {
+                break;
+            }
+            let home = self.home(Self::key(b));
+            let distance_to_j = j.wrapping_sub(home) & self.mask;
+            let distance_to_hole = hole.wrapping_sub(home) & self.mask;
+            if distance_to_hole <= distance_to_j {
+                self.buckets[hole] = b;
+                hole = j;
+            }
+            j = (j + 1) & self.mask;
+        }
+        self.buckets[hole] = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +361,34 @@ mod tests {
         let mut buf = [0u8; 4096];
         let n = t.path(s, &mut buf).unwrap();
         String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_wd_map_agrees_with_a_reference_map_under_churn() {
+        let mut m = WdMap::new(64);
+        let mut reference = std::collections::HashMap::new();
+        let mut seed = 7u64;
+        for step in 0..20_000u32 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            // wds in a narrow range collide a lot in a 128-bucket table.
+            let wd = 1 + (seed >> 40) as i32 % 500;
+            if reference.len() < 64 && (seed >> 20) % 3 != 0 {
+                m.insert(wd, step);
+                reference.insert(wd, step);
+            } else {
+                m.remove(wd);
+                reference.remove(&wd);
+            }
+            if step % 97 == 0 {
+                for probe in 1..501 {
+                    assert_eq!(
+                        m.get(probe),
+                        reference.get(&probe).copied(),
+                        "wd {probe} at step {step}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -75,12 +75,8 @@ impl Sandbox {
         c.stdout(Stdio::null()).stderr(Stdio::piped());
         env(&mut c);
         let child = c.spawn().unwrap();
-        let d = Daemon {
-            child,
-            status: self.path("run/status.json"),
-        };
+        let mut d = Daemon::new(child, self.path("run/status.json"));
         let pid = d.child.id();
-        let mut d = d;
         let up = wait_for(Duration::from_secs(20), || {
             if let Ok(Some(_)) = d.child.try_wait() {
                 return Some(false);
@@ -94,10 +90,11 @@ impl Sandbox {
         if up != Some(true) {
             let _ = d.child.kill();
             let status = d.child.wait().unwrap();
-            let mut err = String::new();
-            if let Some(mut e) = d.child.stderr.take() {
-                std::io::Read::read_to_string(&mut e, &mut err).unwrap();
-            }
+            let err = d
+                .stderr
+                .take()
+                .map(|t| t.join().unwrap())
+                .unwrap_or_default();
             panic!("edgekeeper (pid {pid}) wrote no status snapshot ({status}); stderr:\n{err}");
         }
         d
@@ -121,10 +118,30 @@ impl Drop for Sandbox {
     }
 }
 
-/// A running daemon, killed if a test fails before stopping it.
+/// A running daemon, killed if a test fails before stopping it. Its
+/// stderr, when piped, is drained by a thread so a chatty daemon never
+/// blocks on a full pipe.
 pub struct Daemon {
     pub child: Child,
     pub status: PathBuf,
+    pub stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Daemon {
+    pub fn new(mut child: Child, status: PathBuf) -> Daemon {
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut e, &mut bytes);
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+        });
+        Daemon {
+            child,
+            status,
+            stderr,
+        }
+    }
 }
 
 impl Daemon {
@@ -163,10 +180,11 @@ impl Daemon {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = self.child.wait().unwrap();
         let took = start.elapsed();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            std::io::Read::read_to_string(&mut e, &mut err).unwrap();
-        }
+        let err = self
+            .stderr
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default();
         (status.code().unwrap_or(-1), took, err)
     }
 }

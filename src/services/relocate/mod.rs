@@ -328,6 +328,17 @@ impl Service for Relocate {
                     ),
                 );
             }
+            if let Some(errno) = t.target_error {
+                report.worsen(
+                    Health::Unhealthy,
+                    format_args!(
+                        "{}: target {}: {}",
+                        t.name,
+                        t.target.path.display(),
+                        io::Error::from_raw_os_error(errno)
+                    ),
+                );
+            }
             if let Some(limit) = t.limit {
                 report.worsen(
                     Health::Degraded,

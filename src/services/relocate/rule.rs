@@ -41,11 +41,13 @@ pub const SLICE: usize = 512;
 /// Files waiting for `min_age`.
 const DEFERRED: usize = 256;
 
-/// Events each directory watch asks for.
+/// Events each directory watch asks for. IN_CLOSE_WRITE is added only for
+/// directories on another file system than the target (see [`mask_for`]):
+/// on one file system a file is renamed at IN_CREATE and its close is of no
+/// interest, which halves the events of a burst.
 const DIR_MASK: u32 = inotify::IN_CREATE
     | inotify::IN_MOVED_TO
     | inotify::IN_MOVED_FROM
-    | inotify::IN_CLOSE_WRITE
     | inotify::IN_DELETE_SELF
     | inotify::IN_MOVE_SELF
     | inotify::IN_ONLYDIR
@@ -130,6 +132,8 @@ pub struct Tree {
     pub unwatched: u64,
     pub limit: Option<Limit>,
     pub root_error: Option<i32>,
+    /// The target could not be made or opened (checked at each sweep).
+    pub target_error: Option<i32>,
     pub last_failure: heapless::String<240>,
     /// Moves that failed during the last full sweep.
     pub sweep_failures: u64,
@@ -196,6 +200,7 @@ impl Rule {
             unwatched: 0,
             limit: None,
             root_error: None,
+            target_error: None,
             last_failure: heapless::String::new(),
             sweep_failures: 0,
             sweep_found_now: 0,
@@ -233,31 +238,50 @@ impl Rule {
     /// root is watched, and a first full sweep is started. Returns the
     /// inotify fd to register, if the root could be watched.
     pub fn setup(&mut self) -> io::Result<()> {
-        match self.tree.target.open() {
-            Ok(_) => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("target {}: {e}", self.tree.target.path.display()),
-                ));
+        if self.check_target() {
+            match self.tree.target.clean_partials() {
+                Ok(n) if n > 0 => {
+                    self.tree.counters.partials_cleaned += n;
+                    log::info!(
+                        "{}: removed {n} partial copies a crash left in {}; their sources are intact",
+                        self.tree.name,
+                        self.tree.target.path.display()
+                    );
+                }
+                _ => {}
             }
-        }
-        match self.tree.target.clean_partials() {
-            Ok(n) if n > 0 => {
-                self.tree.counters.partials_cleaned += n;
-                log::info!(
-                    "{}: removed {n} partial copies a crash left in {}; their sources are intact",
-                    self.tree.name,
-                    self.tree.target.path.display()
-                );
-            }
-            _ => {}
         }
         if self.tree.inotify.is_none() {
             self.tree.inotify = Some(Inotify::new()?);
         }
         self.watch_root();
         Ok(())
+    }
+
+    /// Makes sure the target exists and opens; the answer is kept for
+    /// health. Moves are still tried (and fail, counted) while it is broken.
+    fn check_target(&mut self) -> bool {
+        let t = &mut self.tree;
+        match t.target.open() {
+            Ok(_) => {
+                if t.target_error.take().is_some() {
+                    log::info!(
+                        "{}: target {} is usable again",
+                        t.name,
+                        t.target.path.display()
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                if t.target_error != Some(errno) {
+                    log::error!("{}: target {}: {e}", t.name, t.target.path.display());
+                }
+                t.target_error = Some(errno);
+                false
+            }
+        }
     }
 
     /// Watches the root (again); on failure the rule is unhealthy and the
@@ -278,7 +302,7 @@ impl Rule {
         let Ok(cpath) = CStr::from_bytes_with_nul(&t.path[..=len]) else {
             return false;
         };
-        match ino.add_watch(cpath, DIR_MASK) {
+        match ino.add_watch(cpath, mask_for(cpath, t.target.dev())) {
             Ok(wd) => match t.table.insert(wd, NO_SLOT, &t.root_bytes) {
                 Ok(slot) => {
                     t.root_slot = slot;
@@ -312,6 +336,7 @@ impl Rule {
         // A sweep that cannot start now is retried by the periodic timer,
         // not by spinning on the request.
         self.rescan = false;
+        self.check_target();
         if !self.watch_root() {
             return;
         }
@@ -677,12 +702,10 @@ impl Tree {
     /// Watches the directory whose NUL-terminated path is in `self.path`.
     fn watch_path(&mut self, len: usize, parent: Slot, name: &[u8]) -> Option<Slot> {
         let ino = self.inotify.as_ref()?;
-        if self.table.len() >= self.table.capacity() {
-            self.hit_limit(Limit::Table);
-            return None;
-        }
         let cpath = CStr::from_bytes_with_nul(&self.path[..=len]).ok()?;
-        match ino.add_watch(cpath, DIR_MASK) {
+        // Adding a watch the directory already has returns its wd (and
+        // refreshes its mask): the table then finds the slot it has.
+        match ino.add_watch(cpath, mask_for(cpath, self.target.dev())) {
             Ok(wd) => match self.table.insert(wd, parent, name) {
                 Ok(slot) => Some(slot),
                 Err(Full::Slots | Full::Names) => {
@@ -870,11 +893,20 @@ impl Tree {
             return;
         }
         let _ = self.logged_errnos.push(errno);
-        log::warn!(
-            "{}: cannot move {} ({step}: {err}); it stays where it is and is retried at each sweep (logged once per cause)",
-            self.name,
-            Name(name)
-        );
+        if step == "target" {
+            log::warn!(
+                "{}: cannot move {} (target {}: {err}); it stays where it is and is retried at each sweep (logged once per cause)",
+                self.name,
+                Name(name),
+                self.target.path.display()
+            );
+        } else {
+            log::warn!(
+                "{}: cannot move {} ({step}: {err}); it stays where it is and is retried at each sweep (logged once per cause)",
+                self.name,
+                Name(name)
+            );
+        }
         let mut msg = heapless::String::<400>::new();
         let _ = write!(
             msg,
@@ -1017,6 +1049,16 @@ impl Tree {
             }
             Visit::Left { .. } => Decision::Descend,
         }
+    }
+}
+
+/// The watch mask for the directory at `path`: IN_CLOSE_WRITE too when it is
+/// not on the target's file system, since files there are copied only once
+/// their writer has closed them.
+fn mask_for(path: &CStr, target_dev: Option<u64>) -> u32 {
+    match (nix::sys::stat::stat(path), target_dev) {
+        (Ok(st), Some(dev)) if st.st_dev == dev => DIR_MASK,
+        _ => DIR_MASK | inotify::IN_CLOSE_WRITE,
     }
 }
 

@@ -1,0 +1,378 @@
+//! `edgekeeper demo`: a sandbox where the real daemon does real work.
+//!
+//! What it is: a directory (default `./edgekeeper-demo`) with a config
+//! written for it, the daemon started from this very binary on that config,
+//! and generators that make the work each service exists for while it runs:
+//! logs appearing in new nested directories (relocate), and, as the other
+//! services land, frames, a process named ffmpeg and old files. At the end
+//! the daemon is stopped and what happened is printed from its status
+//! snapshot, with a check that nothing was lost. Needs no root.
+//! What it is not: a test. The integration tests in `tests/` assert the same
+//! behaviour under harder conditions; this shows it to a person.
+
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sys::clock::WallTime;
+
+/// Marks a directory as a demo sandbox that `demo` may clear.
+const MARKER: &str = ".edgekeeper-demo";
+
+/// One service's part of the demo.
+trait Part {
+    /// The config block(s), as JSON object members.
+    fn config(&self) -> String;
+    /// Prepares files before the daemon starts.
+    fn prepare(&mut self, dir: &Path) -> io::Result<()>;
+    /// Makes work; called about every 50 ms with the seconds elapsed.
+    fn tick(&mut self, dir: &Path, elapsed: f64) -> io::Result<()>;
+    /// Stops whatever the part runs, before the daemon stops.
+    fn finish(&mut self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    /// What happened, from the final status snapshot; false if something
+    /// went wrong.
+    fn summary(
+        &self,
+        dir: &Path,
+        status: &serde_json::Value,
+        out: &mut dyn io::Write,
+    ) -> io::Result<bool>;
+}
+
+/// Logs appearing anywhere under `data/`, in directories made on the fly,
+/// some written slowly by a writer that keeps the file open.
+struct Logs {
+    created: u64,
+    dirs: u64,
+    renamed: u64,
+    next_at: f64,
+    open_writer: Option<(std::fs::File, u32)>,
+}
+
+impl Logs {
+    fn new() -> Logs {
+        Logs {
+            created: 0,
+            dirs: 0,
+            renamed: 0,
+            next_at: 0.0,
+            open_writer: None,
+        }
+    }
+}
+
+impl Part for Logs {
+    fn config(&self) -> String {
+        r#""relocate": [{
+    "name": "casa-logs",
+    "root": "data",
+    "match": ["casa-*.log"],
+    "target": "data/state/logs",
+    "exclude": ["state/logs", ".git"],
+    "sweep_every": "5s", "sweep_every_busy": "2s"
+  }]"#
+        .to_string()
+    }
+
+    fn prepare(&mut self, dir: &Path) -> io::Result<()> {
+        // Logs already present at start, and files that must stay.
+        std::fs::create_dir_all(dir.join("data/old-run/scan-1"))?;
+        std::fs::create_dir_all(dir.join("data/.git"))?;
+        for name in [
+            "data/old-run/casa-20260101.log",
+            "data/old-run/scan-1/casa-20260102.log",
+        ] {
+            std::fs::write(dir.join(name), "written before edgekeeper started\n")?;
+            self.created += 1;
+        }
+        std::fs::write(dir.join("data/.git/casa-in-git.log"), "excluded: stays\n")?;
+        std::fs::write(
+            dir.join("data/old-run/notes.txt"),
+            "does not match: stays\n",
+        )?;
+        Ok(())
+    }
+
+    fn tick(&mut self, dir: &Path, elapsed: f64) -> io::Result<()> {
+        if let Some((f, lines)) = &mut self.open_writer {
+            writeln!(f, "line {lines} of a log its writer keeps open")?;
+            *lines += 1;
+            if *lines == 20 {
+                self.open_writer = None;
+            }
+        }
+        if elapsed < self.next_at {
+            return Ok(());
+        }
+        self.next_at = elapsed + 0.3;
+        // A new observation directory, nested three deep, with logs written
+        // right after it is made (before any watch on it can exist).
+        self.dirs += 1;
+        let d = dir.join(format!(
+            "data/obs-{:03}/beam-{}/scan-{}",
+            self.dirs,
+            self.dirs % 4,
+            self.dirs % 3
+        ));
+        std::fs::create_dir_all(&d)?;
+        for i in 0..3 {
+            std::fs::write(
+                d.join(format!("casa-{:03}-{i}.log", self.dirs)),
+                format!("casa log {} {i}\n", self.dirs),
+            )?;
+            self.created += 1;
+        }
+        std::fs::write(d.join("image.fits"), "not a log")?;
+        if self.dirs % 5 == 0 {
+            // A directory renamed while logs are being written into it.
+            let from = dir.join(format!("data/obs-{:03}", self.dirs));
+            let to = dir.join(format!("data/obs-{:03}-renamed", self.dirs));
+            std::fs::rename(&from, &to)?;
+            self.renamed += 1;
+            std::fs::write(
+                to.join(format!("casa-{:03}-after-rename.log", self.dirs)),
+                "after rename\n",
+            )?;
+            self.created += 1;
+        }
+        if self.dirs % 7 == 1 && self.open_writer.is_none() {
+            let f = std::fs::File::create(
+                dir.join(format!("data/old-run/casa-{:03}-long.log", self.dirs)),
+            )?;
+            self.created += 1;
+            self.open_writer = Some((f, 0));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _dir: &Path) -> io::Result<()> {
+        self.open_writer = None;
+        Ok(())
+    }
+
+    fn summary(
+        &self,
+        dir: &Path,
+        status: &serde_json::Value,
+        out: &mut dyn io::Write,
+    ) -> io::Result<bool> {
+        let target = dir.join("data/state/logs");
+        let arrived = std::fs::read_dir(&target)
+            .map(|rd| rd.count() as u64)
+            .unwrap_or(0);
+        let left = count_matching(&dir.join("data"), &target);
+        let c = &status["services"]["relocate"]["counters"];
+        writeln!(
+            out,
+            "relocate: logs appearing anywhere under data/ are moved into data/state/logs"
+        )?;
+        writeln!(
+            out,
+            "  made {} logs in {} new nested directories ({} renamed while in use); {} arrived in the target, {} left behind",
+            self.created, self.dirs, self.renamed, arrived, left
+        )?;
+        writeln!(
+            out,
+            "  {} moved by events at once, {} found by scans of new directories, {} by sweeps; {} inotify events, {} watches",
+            c["files_moved_total"].as_u64().unwrap_or(0)
+                - c["scan_found_total"].as_u64().unwrap_or(0)
+                - c["sweep_found_total"].as_u64().unwrap_or(0),
+            c["scan_found_total"],
+            c["sweep_found_total"],
+            c["events_total"],
+            status["services"]["relocate"]["watches"]
+        )?;
+        let kept = dir.join("data/.git/casa-in-git.log").exists()
+            && dir.join("data/old-run/notes.txt").exists();
+        let ok = arrived == self.created && left == 0 && kept;
+        writeln!(
+            out,
+            "  {}",
+            if ok {
+                "OK: every log arrived once, nothing excluded or unmatched was touched"
+            } else {
+                "PROBLEM: some logs did not arrive, or something that must stay was moved"
+            }
+        )?;
+        Ok(ok)
+    }
+}
+
+/// Matching logs still under `root`, outside `target` and `.git`.
+fn count_matching(root: &Path, target: &Path) -> u64 {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if d == target || d.ends_with(".git") {
+            continue;
+        }
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() && name.starts_with("casa-") && name.ends_with(".log") => {
+                    n += 1
+                }
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
+/// Runs the demo: prepares `dir`, runs the daemon for `seconds`, prints what
+/// happened to `out`. Returns false if a part found a problem.
+pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool> {
+    let dir = std::path::absolute(dir)?;
+    fresh_sandbox(&dir)?;
+    let mut parts: Vec<Box<dyn Part>> = vec![Box::new(Logs::new())];
+    let config = format!(
+        "// Written by `edgekeeper demo` for this sandbox.\n{{\n  \"state_dir\": \"state\",\n  \"run_dir\": \"run\",\n  \"status_every\": \"1s\",\n  \"log\": {{ \"file\": \"log/edgekeeper.log\", \"level\": \"info\" }},\n  \"alerts\": {{ \"dir\": \"alerts\", \"cooldown\": \"1m\" }},\n  {}\n}}\n",
+        parts
+            .iter()
+            .map(|p| p.config())
+            .collect::<Vec<_>>()
+            .join(",\n  ")
+    );
+    let config_path = dir.join("edgekeeper.json");
+    std::fs::write(&config_path, config)?;
+    for p in &mut parts {
+        p.prepare(&dir)?;
+    }
+    writeln!(out, "edgekeeper demo in {} for {seconds} s", dir.display())?;
+    writeln!(out, "  config: {}", config_path.display())?;
+    writeln!(
+        out,
+        "  field log: {}",
+        dir.join("log/edgekeeper.log").display()
+    )?;
+    let mut daemon = start_daemon(&dir, &config_path)?;
+    let started = Instant::now();
+    let ready = wait_until(Duration::from_secs(30), || {
+        read_status(&dir).is_some_and(|s| s["running"] == true)
+    });
+    if !ready {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        return Err(io::Error::other(format!(
+            "the daemon did not start; see {}",
+            dir.join("daemon.stderr").display()
+        )));
+    }
+    writeln!(
+        out,
+        "  daemon running (pid {}), ready after {} ms; making work...",
+        daemon.id(),
+        started.elapsed().as_millis()
+    )?;
+    let begin = Instant::now();
+    let mut last_report = 0;
+    while begin.elapsed() < Duration::from_secs(seconds) {
+        let t = begin.elapsed().as_secs_f64();
+        for p in &mut parts {
+            p.tick(&dir, t)?;
+        }
+        if t as u64 >= last_report + 2 {
+            last_report = t as u64;
+            if let Some(s) = read_status(&dir) {
+                writeln!(
+                    out,
+                    "  {:>3} s: {} files moved, {} watches, health {}",
+                    last_report,
+                    s["services"]["relocate"]["counters"]["files_moved_total"],
+                    s["services"]["relocate"]["watches"],
+                    s["services"]["relocate"]["health"].as_str().unwrap_or("?")
+                )?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in &mut parts {
+        p.finish(&dir)?;
+    }
+    // Give the last events (and a sweep) time to land, then stop.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = nix::unistd::Pid::from_raw(daemon.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let exit = daemon.wait()?;
+    let status = read_status(&dir).unwrap_or_default();
+    writeln!(out, "\ndaemon stopped ({exit}); what happened:")?;
+    let mut ok = exit.success();
+    for p in &parts {
+        ok &= p.summary(&dir, &status, out)?;
+    }
+    let alerts = &status["alerts"];
+    writeln!(
+        out,
+        "alerts: {} raised, {} suppressed by cooldown (files in {})",
+        alerts["raised"],
+        alerts["suppressed"],
+        dir.join("alerts").display()
+    )?;
+    writeln!(
+        out,
+        "status snapshot: {}",
+        dir.join("run/status.json").display()
+    )?;
+    writeln!(
+        out,
+        "metrics: {}",
+        dir.join("run/edgekeeper.prom").display()
+    )?;
+    Ok(ok)
+}
+
+fn fresh_sandbox(dir: &Path) -> io::Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)?.next().is_none();
+        if !empty && !dir.join(MARKER).exists() {
+            return Err(io::Error::other(format!(
+                "{} exists and is not an edgekeeper demo sandbox: choose another --dir",
+                dir.display()
+            )));
+        }
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join(MARKER),
+        format!(
+            "made by edgekeeper demo at {}\n",
+            WallTime::now().iso_secs()
+        ),
+    )
+}
+
+fn start_daemon(dir: &Path, config: &Path) -> io::Result<Child> {
+    let exe: PathBuf = std::env::current_exe()?;
+    let stderr = std::fs::File::create(dir.join("daemon.stderr"))?;
+    Command::new(exe)
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+}
+
+fn read_status(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(dir.join("run/status.json")).ok()?).ok()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

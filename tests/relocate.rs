@@ -208,9 +208,9 @@ fn renamed_directories_are_followed_and_excluded_subtrees_left_alone() {
         "target holds {:?}",
         files_under(&target).keys().collect::<Vec<_>>()
     );
-    // A full sweep, then look again at what must not move.
-    daemon.signal(Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    // A full one-shot sweep with the same rules, then look again at what
+    // must not move.
+    assert_eq!(sb.run_cli(&["sweep"]).status.code(), Some(0));
     assert_eq!(
         std::fs::read(sb.path("data/.git/objects/casa-git.log")).unwrap(),
         b"in .git"
@@ -602,8 +602,39 @@ fn files_move_across_file_systems_byte_for_byte() {
         std::fs::write(sb.path("data/deep/er").join(&name), &content).unwrap();
         expected.insert(name.into_bytes(), content);
     }
-    wait_for(Duration::from_secs(60), || count_in(&other.0) == 200).expect("all copied");
+    wait_for(Duration::from_secs(60), || {
+        count_in(&other.0) == 200 && files_under(&sb.path("data")).is_empty()
+    })
+    .expect("all copied and their sources unlinked");
     assert_eq!(files_under(&other.0), expected);
-    assert!(files_under(&sb.path("data")).is_empty(), "sources unlinked");
+    assert_eq!(daemon.stop().0, 0);
+}
+
+#[test]
+fn a_symlink_to_a_directory_outside_the_root_is_never_followed() {
+    let sb = Sandbox::new("symlink-dir");
+    std::fs::create_dir_all(sb.path("outside")).unwrap();
+    std::fs::create_dir_all(sb.path("data")).unwrap();
+    std::fs::write(sb.path("outside/casa-outside.log"), "not ours").unwrap();
+    std::os::unix::fs::symlink(sb.path("outside"), sb.path("data/link")).unwrap();
+    sb.write_config(&rule("data", "data/state/logs", ""));
+    let daemon = sb.start();
+    // Files created through the link are created outside the root.
+    std::fs::write(sb.path("data/link/casa-through-link.log"), "also not ours").unwrap();
+    std::fs::write(sb.path("data/casa-inside.log"), "ours").unwrap();
+    let target = sb.path("data/state/logs");
+    wait_for(Duration::from_secs(20), || {
+        target.join("casa-inside.log").exists()
+    })
+    .expect("inside file moved");
+    let sweep = sb.run_cli(&["sweep"]);
+    assert_eq!(
+        stdout(&sweep),
+        "",
+        "a full sweep finds nothing to move either"
+    );
+    assert!(sb.path("outside/casa-outside.log").exists());
+    assert!(sb.path("outside/casa-through-link.log").exists());
+    assert_eq!(count_in(&target), 1);
     assert_eq!(daemon.stop().0, 0);
 }

@@ -205,6 +205,28 @@ mod tests {
     }
 
     #[test]
+    fn open_dir_beneath_refuses_symlinks_and_escapes() {
+        let dir = scratch("beneath");
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("a/link")).unwrap();
+        let root = open_dir(&dir).unwrap();
+        assert!(open_dir_beneath(root.as_fd(), b"a/b").is_ok());
+        assert!(open_dir_beneath(root.as_fd(), b"").is_ok());
+        assert!(
+            open_dir_beneath(root.as_fd(), b"a/link").is_err(),
+            "final symlink"
+        );
+        std::fs::rename(dir.join("a/b"), dir.join("a/real")).unwrap();
+        std::os::unix::fs::symlink(dir.join("a/real"), dir.join("a/b")).unwrap();
+        assert!(
+            open_dir_beneath(root.as_fd(), b"a/b").is_err(),
+            "a symlink even pointing inside"
+        );
+        assert!(open_dir_beneath(root.as_fd(), b"../..").is_err(), "escape");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn rename_noreplace_never_overwrites() {
         let dir = scratch("noreplace");
         std::fs::write(dir.join("a"), b"a").unwrap();
@@ -291,4 +313,33 @@ pub fn lease_broken(fd: BorrowedFd<'_>) -> bool {
 pub fn release_lease(fd: BorrowedFd<'_>) {
     // SAFETY: as in `take_read_lease`.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+}
+
+/// Opens the directory `rel` (a path relative to `root`, without a leading
+/// '/'; empty for `root` itself) refusing every symbolic link on the way and
+/// any escape from `root` (`openat2` with `RESOLVE_NO_SYMLINKS |
+/// RESOLVE_BENEATH`). On kernels before 5.6, which lack openat2, each
+/// component is opened in turn with `O_NOFOLLOW` instead.
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let rel = if rel.is_empty() { &b"."[..] } else { rel };
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
+    match openat2(root, rel, how) {
+        Err(Errno::ENOSYS) => {}
+        other => return Ok(other?),
+    }
+    let mut dir = openat(root, c".", flags, Mode::empty())?;
+    for part in rel
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+    {
+        if part == b".." {
+            return Err(Errno::EXDEV.into());
+        }
+        dir = openat(dir.as_fd(), part, flags, Mode::empty())?;
+    }
+    Ok(dir)
 }

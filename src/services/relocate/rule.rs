@@ -21,7 +21,7 @@ use crate::report::alerts::{Alert, AlertLevel};
 use crate::services::Ctx;
 use crate::sys::clock::{Instant, WallTime};
 use crate::sys::dir::{Decision, Kind, Progress, Visit, Walker};
-use crate::sys::fs::open_dir;
+use crate::sys::fs::{open_dir, open_dir_beneath};
 use crate::sys::inotify::{self, Events, Inotify};
 use crate::sys::pattern::Patterns;
 use crate::watch::{Full, NO_SLOT, Slot, WatchTable};
@@ -116,6 +116,9 @@ pub struct Tree {
     inotify: Option<Inotify>,
     table: WatchTable,
     root_slot: Slot,
+    /// The root, opened when it is watched: event-side directories are
+    /// opened beneath it, refusing symlinks on the way.
+    root_fd: Option<OwnedFd>,
     /// Walk depth → the slot of the directory entered there.
     sweep_stack: Vec<Slot>,
     scan_stack: Vec<Slot>,
@@ -183,6 +186,7 @@ impl Rule {
             inotify: None,
             table: WatchTable::new(max_watches),
             root_slot: NO_SLOT,
+            root_fd: None,
             sweep_stack: Vec::with_capacity(MAX_LEVELS + 1),
             scan_stack: Vec::with_capacity(MAX_LEVELS + 1),
             moved_from: heapless::Vec::new(),
@@ -306,6 +310,7 @@ impl Rule {
             Ok(wd) => match t.table.insert(wd, NO_SLOT, &t.root_bytes) {
                 Ok(slot) => {
                     t.root_slot = slot;
+                    t.root_fd = open_dir(&t.root).ok();
                     if t.root_error.take().is_some() {
                         log::info!("{}: root {} is back", t.name, t.root.display());
                     }
@@ -501,6 +506,7 @@ impl Rule {
             t.forget(slot);
             if slot == t.root_slot {
                 t.root_slot = NO_SLOT;
+                t.root_fd = None;
                 t.root_error = Some(libc::ENOENT);
                 log::error!(
                     "{}: root {} was removed; watching for it to return",
@@ -800,7 +806,16 @@ impl Tree {
             let Some(len) = self.table.path(slot, &mut self.path[..PATH_MAX]) else {
                 return;
             };
-            match open_dir(Path::new(super::mover::os(&self.path[..len]))) {
+            let Some(root) = self.root_fd.as_ref() else {
+                return;
+            };
+            // The directory's path below the root; a symlink swapped in for
+            // any directory on the way is refused, never followed.
+            let rel = self.path[..len]
+                .strip_prefix(self.root_bytes.as_slice())
+                .map(|r| r.strip_prefix(b"/").unwrap_or(r))
+                .unwrap_or(&[]);
+            match open_dir_beneath(root.as_fd(), rel) {
                 Ok(fd) => self.dir_cache = Some((slot, fd)),
                 Err(_) => return, // the directory went away
             }

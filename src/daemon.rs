@@ -45,8 +45,10 @@ const STATE: TimerId = TimerId { owner: CORE, id: 3 };
 const LOG_FLUSH: TimerId = TimerId { owner: CORE, id: 4 };
 const ALERT_COMMANDS: TimerId = TimerId { owner: CORE, id: 5 };
 
-/// Deadlines each service may have queued at once.
-const DEADLINES_PER_SERVICE: usize = 64;
+/// Deadlines the core itself may have queued at once.
+const CORE_TIMERS: usize = 8;
+/// Deadlines kept free for services that grow on reload.
+const SPARE_TIMERS: usize = 64;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug)]
@@ -122,12 +124,11 @@ impl Daemon {
         ))?;
         block_signals(&SIGNALS).map_err(|e| RunError::Io(format!("blocking signals: {e}")))?;
         let built = services::build(&config);
-        let reactor = Reactor::new(
-            &SIGNALS,
-            8 + DEADLINES_PER_SERVICE * built.services.len(),
-            64,
-        )
-        .map_err(io_err("event loop"))?;
+        // Room for what the services need now, and spare for rules a reload
+        // may add.
+        let timers: usize = built.services.iter().map(|s| s.max_timers()).sum();
+        let reactor = Reactor::new(&SIGNALS, CORE_TIMERS + timers + SPARE_TIMERS, 64)
+            .map_err(io_err("event loop"))?;
         let mut built = built;
         for svc in &mut built.services {
             if let Some(saved) = opened.loaded.services.get(svc.name()) {

@@ -173,6 +173,11 @@ pub fn token(owner: u16, local: u64) -> u64 {
 pub trait Service {
     /// `relocate`, `frames`, `govern` or `storage`.
     fn name(&self) -> &'static str;
+    /// How many of its timers may be queued at once (sizes the deadline
+    /// queue at start).
+    fn max_timers(&self) -> usize {
+        16
+    }
     /// Start-up: scan, register fds and timers. Returns once the service is
     /// ready (READY=1 is sent after every service's `start`).
     fn start(&mut self, ctx: &mut Ctx<'_>) -> io::Result<()>;

@@ -130,6 +130,10 @@ impl Service for Relocate {
         "relocate"
     }
 
+    fn max_timers(&self) -> usize {
+        self.rules.len() * TIMERS_PER_RULE as usize
+    }
+
     fn start(&mut self, ctx: &mut Ctx<'_>) -> io::Result<()> {
         // A broken read lease is signalled with SIGIO; blocked, it can never
         // kill the daemon (the lease state is polled instead).

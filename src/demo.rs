@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use crate::sys::clock::WallTime;
 
+/// The shortest run in which every part of the demo can show.
+const MIN_SECONDS: u64 = 3;
+
 /// Marks a directory as a demo sandbox that `demo` may clear.
 const MARKER: &str = ".edgekeeper-demo";
 
@@ -201,6 +204,155 @@ impl Part for Logs {
     }
 }
 
+/// An ffmpeg-like camera: frames renamed into place at 20 per second, with a
+/// frozen stretch (12 identical frames from 20 % of the run), a corrupt
+/// frame after it, and a stall of 1.5 s from 45 % of the run.
+struct Camera {
+    writer: Option<crate::services::frames::writer::FrameWriter>,
+    seconds: f64,
+    next_at: f64,
+    written: u64,
+    frozen: u64,
+    corrupt: bool,
+}
+
+impl Camera {
+    fn new(seconds: u64) -> Camera {
+        Camera {
+            writer: None,
+            seconds: seconds as f64,
+            next_at: 0.0,
+            written: 0,
+            frozen: 0,
+            corrupt: false,
+        }
+    }
+}
+
+impl Part for Camera {
+    fn config(&self) -> String {
+        r#""frames": [{
+    "name": "cam0",
+    "dir": "captures/cam0",
+    "match": ["capture_*.jpg"],
+    "stall_after": "1s",
+    "freeze_after": 10,
+    "catch_up": 10
+  }]"#
+        .to_string()
+    }
+
+    fn prepare(&mut self, dir: &Path) -> io::Result<()> {
+        let cam = dir.join("captures/cam0");
+        std::fs::create_dir_all(&cam)?;
+        let mut w = crate::services::frames::writer::FrameWriter::new(&cam, 1280, 720, 40_000);
+        // Frames from before the daemon started: the newest get caught up.
+        for _ in 0..30 {
+            w.write(crate::services::frames::writer::Kind::Fresh)?;
+            self.written += 1;
+        }
+        self.writer = Some(w);
+        Ok(())
+    }
+
+    fn tick(&mut self, _dir: &Path, elapsed: f64) -> io::Result<()> {
+        use crate::services::frames::writer::Kind;
+        let Some(w) = self.writer.as_mut() else {
+            return Ok(());
+        };
+        if elapsed < self.next_at {
+            return Ok(());
+        }
+        self.next_at = elapsed + 0.05;
+        let stall_from = self.seconds * 0.45;
+        if elapsed >= stall_from && elapsed < stall_from + 1.5 {
+            return Ok(());
+        }
+        let kind = if elapsed >= self.seconds * 0.2 && self.frozen < 12 {
+            self.frozen += 1;
+            if self.frozen == 1 {
+                Kind::Fresh
+            } else {
+                Kind::Repeat
+            }
+        } else if self.frozen == 12 && !self.corrupt {
+            self.corrupt = true;
+            Kind::Truncated
+        } else {
+            Kind::Fresh
+        };
+        w.write(kind)?;
+        self.written += 1;
+        Ok(())
+    }
+
+    fn summary(
+        &self,
+        dir: &Path,
+        status: &serde_json::Value,
+        out: &mut dyn io::Write,
+    ) -> io::Result<bool> {
+        let frames = &status["services"]["frames"];
+        let c = &frames["counters"];
+        let sidecars = std::fs::read_dir(dir.join("captures/cam0"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count() as u64
+            })
+            .unwrap_or(0);
+        writeln!(
+            out,
+            "frames: an ffmpeg-like writer renames frames into captures/cam0; each gets a JSON sidecar"
+        )?;
+        writeln!(
+            out,
+            "  wrote {} frames (30 before start, {} caught up); {} sidecars; {} analysed live",
+            self.written,
+            c["catch_up_total"],
+            sidecars,
+            c["frames_analysed_total"].as_u64().unwrap_or(0)
+                - c["catch_up_total"].as_u64().unwrap_or(0)
+        )?;
+        writeln!(
+            out,
+            "  corrupt {}, freezes {}, stalls {}, dropped {}",
+            c["frames_invalid_total"],
+            c["freezes_total"],
+            c["stalls_total"],
+            c["frames_dropped_total"]
+        )?;
+        let alerts = std::fs::read_dir(dir.join("alerts"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let raised = |kind: &str| alerts.iter().any(|a| a.ends_with(&format!("-{kind}.json")));
+        let ok = c["freezes_total"].as_u64() >= Some(1)
+            && c["stalls_total"].as_u64() >= Some(1)
+            && c["frames_invalid_total"].as_u64() >= Some(1)
+            && raised("frame_freeze")
+            && raised("frame_stall")
+            && raised("frame_corrupt")
+            && c["catch_up_total"] == 10
+            && sidecars
+                == 10 + c["frames_analysed_total"].as_u64().unwrap_or(0)
+                    - c["catch_up_total"].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "  {}",
+            if ok {
+                "OK: the freeze, the stall and the corrupt frame were each alerted; every live frame has its sidecar"
+            } else {
+                "PROBLEM: an expected alert or sidecar is missing"
+            }
+        )?;
+        Ok(ok)
+    }
+}
+
 /// Matching logs still under `root`, outside `target` and `.git`.
 fn count_matching(root: &Path, target: &Path) -> u64 {
     let mut n = 0;
@@ -228,8 +380,15 @@ fn count_matching(root: &Path, target: &Path) -> u64 {
 /// happened to `out`. Returns false if a part found a problem.
 pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool> {
     let dir = std::path::absolute(dir)?;
+    // The camera needs room for a frozen stretch and a 1.5 s stall.
+    let seconds = if seconds < MIN_SECONDS {
+        writeln!(out, "(running {MIN_SECONDS} s, the shortest demo in which every part shows)")?;
+        MIN_SECONDS
+    } else {
+        seconds
+    };
     fresh_sandbox(&dir)?;
-    let mut parts: Vec<Box<dyn Part>> = vec![Box::new(Logs::new())];
+    let mut parts: Vec<Box<dyn Part>> = vec![Box::new(Logs::new()), Box::new(Camera::new(seconds))];
     let config = format!(
         "// Written by `edgekeeper demo` for this sandbox.\n{{\n  \"state_dir\": \"state\",\n  \"run_dir\": \"run\",\n  \"status_every\": \"1s\",\n  \"log\": {{ \"file\": \"log/edgekeeper.log\", \"level\": \"info\" }},\n  \"alerts\": {{ \"dir\": \"alerts\", \"cooldown\": \"1m\" }},\n  {}\n}}\n",
         parts
@@ -279,13 +438,16 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
         if t as u64 >= last_report + 2 {
             last_report = t as u64;
             if let Some(s) = read_status(&dir) {
+                let svc = &s["services"];
                 writeln!(
                     out,
-                    "  {:>3} s: {} files moved, {} watches, health {}",
+                    "  {:>3} s: relocate {} ({} moved); frames {} ({} analysed, {:.1} fps)",
                     last_report,
-                    s["services"]["relocate"]["counters"]["files_moved_total"],
-                    s["services"]["relocate"]["watches"],
-                    s["services"]["relocate"]["health"].as_str().unwrap_or("?")
+                    svc["relocate"]["health"].as_str().unwrap_or("?"),
+                    svc["relocate"]["counters"]["files_moved_total"],
+                    svc["frames"]["health"].as_str().unwrap_or("?"),
+                    svc["frames"]["counters"]["frames_analysed_total"],
+                    svc["frames"]["details"][0]["fps"].as_f64().unwrap_or(0.0)
                 )?;
             }
         }

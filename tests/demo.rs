@@ -22,6 +22,10 @@ fn the_demo_runs_every_service_it_has_and_reports_ok() {
         common::stderr(&out)
     );
     assert!(text.contains("OK: every log arrived once"), "{text}");
+    assert!(
+        text.contains("OK: the freeze, the stall and the corrupt frame were each alerted"),
+        "{text}"
+    );
     assert!(dir.join("run/status.json").exists());
     // Run again: the sandbox it made is cleared and reused.
     let again = std::process::Command::new(BIN)

@@ -186,6 +186,7 @@ pub fn render(snap: &Snapshot<'_>, out: &mut String) {
         let _ = writeln!(out, "edgekeeper_service_health{{service=\"{name}\"}} 2");
     }
     for svc in snap.services {
+        svc.metrics(out);
         let mut r = Report::default();
         svc.report(&mut r);
         for counter in &r.counters {

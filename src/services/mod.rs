@@ -8,6 +8,7 @@
 //! What it is not: the services themselves; they live beside this file and
 //! arrive one issue at a time.
 
+pub mod frames;
 pub mod relocate;
 
 use std::io;
@@ -158,6 +159,12 @@ impl Ctx<'_> {
             id,
         })
     }
+    pub fn is_scheduled(&self, id: u32) -> bool {
+        self.reactor.is_scheduled(TimerId {
+            owner: self.owner,
+            id,
+        })
+    }
     pub fn raise(&mut self, alert: &Alert<'_>) {
         if self.alerts.raise(alert, self.wall) {
             *self.state_changed = true;
@@ -193,6 +200,9 @@ pub trait Service {
     fn reload(&mut self, config: &Config, ctx: &mut Ctx<'_>);
     /// Health and counters for the status snapshot.
     fn report(&self, report: &mut Report);
+    /// Metrics beyond the report's counters (labelled, fractional), as
+    /// Prometheus text lines with their HELP and TYPE, appended to `out`.
+    fn metrics(&self, _out: &mut String) {}
     /// More for status.json, shown as `services.<name>.details`: one JSON
     /// value written into `out` with `serde_json_core::to_slice`; `Ok(0)`
     /// for none. `BufferFull` makes the daemon retry with a larger buffer.
@@ -240,6 +250,9 @@ pub fn build(config: &Config) -> Built {
     if !config.relocate.is_empty() {
         services.push(Box::new(relocate::Relocate::new(config)));
     }
+    if !config.frames.is_empty() {
+        services.push(Box::new(frames::Frames::new(config)));
+    }
     let mut not_built = config.services();
     not_built.retain(|name| !services.iter().any(|s| s.name() == *name));
     Built {
@@ -249,7 +262,7 @@ pub fn build(config: &Config) -> Built {
 }
 
 /// Services this build provides, for `edgekeeper version`.
-pub const PROVIDED: &[&str] = &["relocate"];
+pub const PROVIDED: &[&str] = &["relocate", "frames"];
 
 /// JSON pieces written by each service into one buffer made at start, to be
 /// embedded in status.json or state.json without copying or allocating.

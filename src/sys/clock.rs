@@ -43,7 +43,7 @@ impl Instant {
 }
 
 /// A point in UTC wall-clock time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct WallTime {
     pub secs: i64,
     pub millis: u32,

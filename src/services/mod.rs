@@ -8,6 +8,8 @@
 //! What it is not: the services themselves; they live beside this file and
 //! arrive one issue at a time.
 
+pub mod govern;
+
 use std::io;
 use std::os::fd::BorrowedFd;
 
@@ -267,8 +269,12 @@ pub struct Built {
 /// Builds the services a config turns on. Constructors only take the
 /// config in: no file is touched, no fd is made until `start` (or `sweep`).
 pub fn build(config: &Config) -> Built {
-    let services: Vec<Box<dyn Service>> = Vec::new();
-    let not_built = config.services();
+    let mut services: Vec<Box<dyn Service>> = Vec::new();
+    let mut not_built = config.services();
+    if let Some(g) = &config.govern {
+        services.push(Box::new(govern::Govern::new(g, &config.limits)));
+        not_built.retain(|&n| n != "govern");
+    }
     Built {
         services,
         not_built,
@@ -276,7 +282,7 @@ pub fn build(config: &Config) -> Built {
 }
 
 /// Services this build provides, for `edgekeeper version`.
-pub const PROVIDED: &[&str] = &[];
+pub const PROVIDED: &[&str] = &["govern"];
 
 /// JSON pieces written by each service into one buffer made at start, to be
 /// embedded in status.json or state.json without copying or allocating.

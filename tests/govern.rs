@@ -76,6 +76,30 @@ fn config(sb: &Sandbox, root: &Path, govern: &str) {
     ));
 }
 
+/// The govern block most tests use: scans every second, no filters
+/// (whoever runs the tests, wherever), `targets` as given.
+fn unfiltered(sb: &Sandbox, root: &Path, targets: &str) {
+    config(
+        sb,
+        root,
+        &format!(
+            r#""scan_every": "1s",
+    "filters": {{"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []}},
+    "targets": {targets}"#
+        ),
+    );
+}
+
+/// Whether `pid` is tracked in `state` (`governed`, `young`, …).
+fn is(status: &Value, pid: u32, state: &str) -> bool {
+    state_of(status, pid).as_deref() == Some(state)
+}
+
+/// Waits until `pid` is governed.
+fn governed(d: &Daemon, pid: u32) -> Value {
+    until(d, "governed", |s| is(s, pid, "governed"))
+}
+
 fn govern(status: &Value) -> &Value {
     &status["services"]["govern"]
 }
@@ -196,7 +220,7 @@ fn targets_are_found_others_ignored_and_limit_files_hold_exact_values() {
     let s = until(&d, "three processes governed", |s| {
         [&ffmpeg, &gst, &long]
             .iter()
-            .all(|p| state_of(s, p.pid()).as_deref() == Some("governed"))
+            .all(|p| is(s, p.pid(), "governed"))
     });
     assert!(process(&s, other.pid()).is_none(), "other is not a target");
     assert!(
@@ -293,9 +317,7 @@ fn min_runtime_holds_a_young_process_back_then_attaches_it() {
     } else {
         eprintln!("NOTE: first seen only after {seen_after:?}; the young phase was not observed");
     }
-    let s = until(&d, "governed once of age", |s| {
-        state_of(s, p.pid()).as_deref() == Some("governed")
-    });
+    let s = governed(&d, p.pid());
     assert!(
         started.elapsed() >= Duration::from_millis(2900),
         "attached after {:?}, before its min_runtime",
@@ -369,19 +391,11 @@ fn blocked_uids_blocked_dirs_and_allowed_users_hold() {
 fn an_exited_process_loses_its_group_and_is_forgotten() {
     let sb = Sandbox::new("govern-exit");
     let root = sb.path("cg");
-    config(
-        &sb,
-        &root,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek-exit"}]"#,
-    );
+    unfiltered(&sb, &root, r#"[{"comm": "ek-exit"}]"#);
     let d = sb.start();
     let mut p = spawn(&sb, "ek-exit", &sb.dir);
     let pid = p.pid();
-    until(&d, "governed", |s| {
-        state_of(s, pid).as_deref() == Some("governed")
-    });
+    governed(&d, pid);
     let group = root.join(format!("ek-exit-{pid}"));
     assert!(group.is_dir());
     p.kill();
@@ -399,19 +413,15 @@ fn real_cgroup2_moves_the_process_keeps_it_across_a_restart_and_removes_the_grou
         return;
     };
     let sb = Sandbox::new("govern-real");
-    config(
+    unfiltered(
         &sb,
         &real.path,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek-real", "cpu_quota": 150, "memory_max": "1GiB"}]"#,
+        r#"[{"comm": "ek-real", "cpu_quota": 150, "memory_max": "1GiB"}]"#,
     );
     let d = sb.start();
     let mut p = spawn(&sb, "ek-real", &sb.dir);
     let pid = p.pid();
-    let s = until(&d, "governed", |s| {
-        state_of(s, pid).as_deref() == Some("governed")
-    });
+    let s = governed(&d, pid);
     let group = real.path.join(format!("ek-real-{pid}"));
     let name = real.path.file_name().unwrap().to_str().unwrap();
     assert!(
@@ -443,9 +453,7 @@ fn real_cgroup2_moves_the_process_keeps_it_across_a_restart_and_removes_the_grou
 
     // A restart recognises it by (pid, start time): not attached twice.
     let d = sb.start();
-    let s = until(&d, "recognised", |s| {
-        state_of(s, pid).as_deref() == Some("governed")
-    });
+    let s = governed(&d, pid);
     assert_eq!(counter(&s, "recognised_total"), 1);
     assert_eq!(
         counter(&s, "attached_total"),
@@ -464,20 +472,12 @@ fn real_cgroup2_moves_the_process_keeps_it_across_a_restart_and_removes_the_grou
 fn a_restart_recognises_living_processes_and_forgets_exited_ones() {
     let sb = Sandbox::new("govern-restart");
     let root = sb.path("cg");
-    config(
-        &sb,
-        &root,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek-restart"}]"#,
-    );
+    unfiltered(&sb, &root, r#"[{"comm": "ek-restart"}]"#);
     let d = sb.start();
     let stays = spawn(&sb, "ek-restart", &sb.dir);
     let mut goes = spawn(&sb, "ek-restart", &sb.dir);
     until(&d, "both governed", |s| {
-        [&stays, &goes]
-            .iter()
-            .all(|p| state_of(s, p.pid()).as_deref() == Some("governed"))
+        [&stays, &goes].iter().all(|p| is(s, p.pid(), "governed"))
     });
     d.stop();
     let state: Value = serde_json::from_str(&read(sb.path("state/state.json"))).unwrap();
@@ -495,7 +495,7 @@ fn a_restart_recognises_living_processes_and_forgets_exited_ones() {
     goes.kill();
     let d = sb.start();
     let s = until(&d, "restored", |s| {
-        state_of(s, stays.pid()).as_deref() == Some("governed") && process(s, goes.pid()).is_none()
+        is(s, stays.pid(), "governed") && process(s, goes.pid()).is_none()
     });
     assert_eq!(counter(&s, "recognised_total"), 1);
     assert_eq!(counter(&s, "attached_total"), 2, "nothing attached twice");
@@ -522,19 +522,11 @@ fn spawn_with_pid(sb: &Sandbox, name: &str, pid: u32) -> Option<Sleeper> {
 fn a_reused_pid_is_a_new_process() {
     let sb = Sandbox::new("govern-reuse");
     let root = sb.path("cg");
-    config(
-        &sb,
-        &root,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek-reuse"}]"#,
-    );
+    unfiltered(&sb, &root, r#"[{"comm": "ek-reuse"}]"#);
     let d = sb.start();
     let mut first = spawn(&sb, "ek-reuse", &sb.dir);
     let pid = first.pid();
-    until(&d, "governed", |s| {
-        state_of(s, pid).as_deref() == Some("governed")
-    });
+    governed(&d, pid);
     d.stop();
     let saved: Value = serde_json::from_str(&read(sb.path("state/state.json"))).unwrap();
     let old_start = saved["services"]["govern"]["processes"][0]["start_ticks"].clone();
@@ -550,7 +542,7 @@ fn a_reused_pid_is_a_new_process() {
     assert_eq!(second.pid(), pid);
     let d = sb.start();
     let s = until(&d, "the new process governed", |s| {
-        state_of(s, pid).as_deref() == Some("governed") && counter(s, "attached_total") == 2
+        is(s, pid, "governed") && counter(s, "attached_total") == 2
     });
     assert_eq!(
         counter(&s, "recognised_total"),
@@ -618,20 +610,17 @@ fn the_proc_connector_finds_an_exec_within_50_ms() {
 fn a_memory_limit_below_current_usage_is_refused_with_a_warning() {
     let sb = Sandbox::new("govern-memory");
     let root = sb.path("cg");
-    config(
+    unfiltered(
         &sb,
         &root,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek-hungry", "memory_max": "16MiB"}, {"comm": "ek-modest", "memory_max": "1GiB"}]"#,
+        r#"[{"comm": "ek-hungry", "memory_max": "16MiB"}, {"comm": "ek-modest", "memory_max": "1GiB"}]"#,
     );
     let d = sb.start();
     let hungry = NamedChild::spawn(c"ek-hungry", None, 64 << 20).unwrap();
     let modest = NamedChild::spawn(c"ek-modest", None, 4 << 20).unwrap();
     let (h, m) = (hungry.pid().as_raw() as u32, modest.pid().as_raw() as u32);
     let s = until(&d, "both governed", |s| {
-        state_of(s, h).as_deref() == Some("governed")
-            && state_of(s, m).as_deref() == Some("governed")
+        is(s, h, "governed") && is(s, m, "governed")
     });
     let p = process(&s, h).unwrap();
     assert!(p["memory_max"].is_null());
@@ -661,20 +650,12 @@ fn a_memory_limit_below_current_usage_is_refused_with_a_warning() {
 fn names_with_spaces_and_parentheses_are_governed() {
     let sb = Sandbox::new("govern-odd");
     let root = sb.path("cg");
-    config(
-        &sb,
-        &root,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek) (x y"}]"#,
-    );
+    unfiltered(&sb, &root, r#"[{"comm": "ek) (x y"}]"#);
     let d = sb.start();
     let name = CString::new("ek) (x y").unwrap();
     let child = NamedChild::spawn(&name, None, 0).unwrap();
     let pid = child.pid().as_raw() as u32;
-    let s = until(&d, "governed", |s| {
-        state_of(s, pid).as_deref() == Some("governed")
-    });
+    let s = governed(&d, pid);
     assert_eq!(process(&s, pid).unwrap()["comm"], "ek) (x y");
     assert_eq!(
         read(root.join(format!("ek) (x y-{pid}")).join("cgroup.procs")),
@@ -699,9 +680,7 @@ fn failed_attaches_are_retried_then_given_up_with_an_alert() {
     let p = spawn(&sb, "ek-retry", &sb.dir);
     // A file where its group should go: every attach fails.
     std::fs::write(root.join(format!("ek-retry-{}", p.pid())), "in the way").unwrap();
-    let s = until(&d, "given up", |s| {
-        state_of(s, p.pid()).as_deref() == Some("gave_up")
-    });
+    let s = until(&d, "given up", |s| is(s, p.pid(), "gave_up"));
     assert_eq!(counter(&s, "attach_failures_total"), 2);
     assert_eq!(counter(&s, "gave_up_total"), 1);
     assert_eq!(govern(&s)["health"], "degraded");
@@ -722,25 +701,15 @@ fn an_unusable_cgroup_root_is_unhealthy_until_it_can_be_made() {
     let sb = Sandbox::new("govern-unusable");
     let parent = sb.path("not-yet");
     let root = parent.join("slice");
-    config(
-        &sb,
-        &root,
-        r#""scan_every": "1s",
-    "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
-    "targets": [{"comm": "ek-wait"}]"#,
-    );
+    unfiltered(&sb, &root, r#"[{"comm": "ek-wait"}]"#);
     let d = sb.start();
     let p = spawn(&sb, "ek-wait", &sb.dir);
-    let s = until(&d, "waiting", |s| {
-        state_of(s, p.pid()).as_deref() == Some("waiting")
-    });
+    let s = until(&d, "waiting", |s| is(s, p.pid(), "waiting"));
     assert_eq!(govern(&s)["health"], "unhealthy");
     let reason = govern(&s)["reason"].as_str().unwrap();
     assert!(reason.contains("its parent does not exist"), "{reason}");
     std::fs::create_dir_all(&parent).unwrap();
-    let s = until(&d, "governed", |s| {
-        state_of(s, p.pid()).as_deref() == Some("governed")
-    });
+    let s = governed(&d, p.pid());
     assert_ne!(govern(&s)["health"], "unhealthy");
     assert!(root.join(format!("ek-wait-{}", p.pid())).is_dir());
     d.stop();
@@ -760,9 +729,7 @@ fn a_reload_applies_new_limits_to_governed_processes() {
     config(&sb, &root, &block(300));
     let d = sb.start();
     let p = spawn(&sb, "ek-reload", &sb.dir);
-    until(&d, "governed", |s| {
-        state_of(s, p.pid()).as_deref() == Some("governed")
-    });
+    governed(&d, p.pid());
     let cpu_max = root.join(format!("ek-reload-{}/cpu.max", p.pid()));
     assert_eq!(read(&cpu_max), "300000 100000\n");
     config(&sb, &root, &block(50));

@@ -145,7 +145,9 @@ impl Report {
     }
 }
 
-struct Bounded<'a, const N: usize>(&'a mut heapless::String<N>);
+/// Writes into a heapless string what fits and drops the rest (heapless
+/// itself refuses a whole piece that does not fit).
+pub struct Bounded<'a, const N: usize>(pub &'a mut heapless::String<N>);
 
 impl<const N: usize> core::fmt::Write for Bounded<'_, N> {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {

@@ -269,19 +269,26 @@ impl ProcFs {
     }
 
     /// Reads `/proc/PID/<file>` into `buf` (as much as fits); a process
-    /// that is gone gives `NotFound`.
+    /// that is gone gives `NotFound`. One `read`: the kernel produces these
+    /// files whole, so a buffer big enough gets everything at once, and a
+    /// second call only to see the end would double the cost of a scan.
     pub fn read(&self, pid: i32, file: &[u8], buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.open_file(pid, file).map_err(gone)?;
-        let mut n = 0;
-        while n < buf.len() {
-            match nix::unistd::read(&fd, &mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
+        loop {
+            match nix::unistd::read(&fd, buf) {
+                Ok(n) => return Ok(n),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(gone(e.into())),
             }
         }
-        Ok(n)
+    }
+
+    /// The process name from `/proc/PID/comm` (the cheapest file to read,
+    /// so a scan reads it first and the rest only for a match).
+    pub fn comm<'b>(&self, pid: i32, buf: &'b mut [u8; 32]) -> io::Result<&'b [u8]> {
+        let n = self.read(pid, b"comm", buf)?;
+        let comm = &buf[..n];
+        Ok(comm.strip_suffix(b"\n").unwrap_or(comm))
     }
 
     /// `/proc/PID/stat`, parsed; `NotFound` when the process is gone.
@@ -470,6 +477,10 @@ mod tests {
         let mut buf = [0u8; 1024];
         let stat = proc.stat(me, &mut buf).unwrap();
         assert_eq!(stat.pid, me);
+        let mut name = [0u8; 32];
+        let comm = proc.comm(me, &mut name).unwrap();
+        assert_eq!(comm, stat.comm);
+        assert!(!comm.is_empty() && !comm.ends_with(b"\n"));
         assert!(stat.start_ticks > 0);
         let mut buf = [0u8; 4096];
         let status = proc.status(me, &mut buf).unwrap();

@@ -15,8 +15,9 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::table::{Applied, BoundedWriter};
+use super::table::Applied;
 use super::targets::{CPU_PERIOD_US, Limits};
+use crate::services::Bounded;
 use crate::sys::cgroup::{CgroupRoot, Controllers, FsKind, MemoryController};
 
 pub type Reason = heapless::String<320>;
@@ -92,7 +93,7 @@ impl Cgroups {
             Err(e) => {
                 let first = self.error.is_empty();
                 self.error.clear();
-                let w = &mut BoundedWriter(&mut self.error);
+                let w = &mut Bounded(&mut self.error);
                 let _ = if e.kind() == io::ErrorKind::NotFound {
                     write!(
                         w,
@@ -115,7 +116,7 @@ impl Cgroups {
         self.root = None;
         self.error.clear();
         let _ = write!(
-            BoundedWriter(&mut self.error),
+            Bounded(&mut self.error),
             "cgroup_root {} is unusable: {e}",
             self.path.display()
         );
@@ -182,7 +183,7 @@ impl Cgroups {
         self.missing.clear();
         let missing = wanted.missing_from(self.enabled);
         if missing.any() {
-            let w = &mut BoundedWriter(&mut self.missing);
+            let w = &mut Bounded(&mut self.missing);
             let _ = write!(
                 w,
                 "no {} controller for groups under {}: processes are grouped without {}",
@@ -321,11 +322,17 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn limit_files_hold_exactly_the_right_strings() {
-        let dir = scratch("limits");
+    /// A stand-in root at `<scratch>/slice` with group `ffmpeg-9` made.
+    fn stand_in(name: &str) -> (PathBuf, CgroupRoot) {
+        let dir = scratch(name);
         let root = CgroupRoot::open_or_make(&dir.join("slice")).unwrap();
         root.make_group(b"ffmpeg-9").unwrap();
+        (dir, root)
+    }
+
+    #[test]
+    fn limit_files_hold_exactly_the_right_strings() {
+        let (dir, root) = stand_in("limits");
         let limits = Limits {
             cpu_quota: 200,
             cpu_weight: 50,
@@ -354,9 +361,7 @@ mod tests {
 
     #[test]
     fn a_memory_limit_below_current_usage_is_refused() {
-        let dir = scratch("refused");
-        let root = CgroupRoot::open_or_make(&dir.join("slice")).unwrap();
-        root.make_group(b"ffmpeg-9").unwrap();
+        let (dir, root) = stand_in("refused");
         let limits = Limits {
             cpu_quota: 50,
             cpu_weight: 100,
@@ -389,9 +394,7 @@ mod tests {
 
     #[test]
     fn only_enabled_controllers_get_files() {
-        let dir = scratch("enabled");
-        let root = CgroupRoot::open_or_make(&dir.join("slice")).unwrap();
-        root.make_group(b"g-1").unwrap();
+        let (dir, root) = stand_in("enabled");
         let limits = Limits {
             cpu_quota: 100,
             cpu_weight: 100,
@@ -401,10 +404,10 @@ mod tests {
             cpu: true,
             memory: false,
         };
-        let (applied, _) = write_limits(&root, b"g-1", cpu_only, &limits, None).unwrap();
+        let (applied, _) = write_limits(&root, b"ffmpeg-9", cpu_only, &limits, None).unwrap();
         assert_eq!(applied.memory_max, None);
-        assert!(!dir.join("slice/g-1/memory.max").exists());
-        assert!(dir.join("slice/g-1/cpu.max").exists());
+        assert!(!dir.join("slice/ffmpeg-9/memory.max").exists());
+        assert!(dir.join("slice/ffmpeg-9/cpu.max").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

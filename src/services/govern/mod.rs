@@ -20,29 +20,28 @@
 //! `openat` into fixed buffers, paths and values are built on the stack,
 //! and the table is made at start for `limits.max_tracked_processes`.
 
+mod docs;
 mod groups;
+mod host;
 mod table;
 mod targets;
 
 use std::fmt::Write as _;
 use std::io;
-use std::path::{Path, PathBuf};
-
-use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
-use serde::{Serialize, Serializer};
 
 use self::groups::{Cgroups, write_limits};
-use self::table::{Counters, Phase, Saved, SavedProcess, Table, Tracked};
+use self::table::{Counters, Phase, Saved, Table, Tracked};
 use self::targets::{Filter, Match, Targets};
-use super::{Counter, CounterKind, Ctx, Health, Report, Service};
+use super::{Bounded, Ctx, Report, Service};
 use crate::config::{self, Config};
 use crate::report::alerts::{Alert, AlertLevel};
-use crate::sys::cgroup::{self, Controllers, FsKind, MemoryController};
-use crate::sys::clock::{Instant, WallTime};
+use crate::sys::cgroup::FsKind;
+use crate::sys::clock::Instant;
 use crate::sys::proc_connector::{ProcConnector, ProcEvent, events};
 use crate::sys::procfs::{self, ProcFs};
 
 pub use self::groups::memory_note;
+pub use self::host::{DemoCgroups, demo_cgroup_root, demo_config, host_notes};
 
 /// Timers.
 const SCAN: u32 = 1;
@@ -142,14 +141,14 @@ impl Govern {
                 }
                 Err(e) => {
                     let _ = write!(
-                        table::BoundedWriter(&mut self.scan_only),
+                        Bounded(&mut self.scan_only),
                         "registering the proc connector: {e}"
                     );
                 }
             },
             Err(e) => {
                 let _ = write!(
-                    table::BoundedWriter(&mut self.scan_only),
+                    Bounded(&mut self.scan_only),
                     "proc connector unavailable: {e}"
                 );
                 // Falling back is normal (no CAP_NET_ADMIN, a container,
@@ -187,16 +186,21 @@ impl Govern {
     /// (`event_ns`: the kernel's time of the event).
     fn examine(&mut self, pid: i32, event_ns: Option<u64>, ctx: &mut Ctx<'_>) {
         let Some(proc) = &self.proc else { return };
+        // Most processes are not targets: one small read tells.
+        let mut name = [0u8; 32];
+        let Ok(comm) = proc.comm(pid, &mut name) else {
+            return;
+        };
+        let found = self.targets.by_comm(comm);
+        if found == Match::No {
+            return;
+        }
         let mut buf = [0u8; 1024];
         let Ok(stat) = proc.stat(pid, &mut buf) else {
             return;
         };
-        if stat.is_kernel_thread() {
-            return;
-        }
-        let found = self.targets.by_comm(stat.comm);
-        if found == Match::No {
-            return;
+        if stat.is_kernel_thread() || self.targets.by_comm(stat.comm) != found {
+            return; // renamed between the two reads: its next event or scan tells
         }
         let (start, exited) = (stat.start_ticks, stat.has_exited());
         let mut comm = [0u8; 16];
@@ -383,11 +387,7 @@ impl Govern {
                 e.note.clear();
                 if let Some(r) = refused {
                     self.counters.memory_refused += 1;
-                    e.note(format_args!(
-                        "memory.max {} refused: it already uses {} bytes (VmRSS) and the kernel would OOM-kill it",
-                        r.limit, r.rss
-                    ));
-                    log::warn!("{} {pid}: {}", e.comm, e.note);
+                    e.refused(r.limit, r.rss);
                 }
                 let e = self.table.get(i);
                 if recognised {
@@ -406,7 +406,7 @@ impl Govern {
                         "governing {} {pid} in {}: {}",
                         e.comm,
                         e.group,
-                        AppliedText(&e.applied)
+                        docs::AppliedText(&e.applied)
                     );
                 }
                 self.attach_failures_in_row = 0;
@@ -444,7 +444,7 @@ impl Govern {
                     );
                     let mut message = heapless::String::<256>::new();
                     let _ = write!(
-                        table::BoundedWriter(&mut message),
+                        Bounded(&mut message),
                         "{} {pid} could not be put into a cgroup after {max} attempts: {}",
                         e.comm,
                         e.note
@@ -584,10 +584,7 @@ impl Govern {
         self.counters.scan_failures += 1;
         self.scan.failures_in_row += 1;
         self.scan.last_error.clear();
-        let _ = write!(
-            table::BoundedWriter(&mut self.scan.last_error),
-            "/proc: {e}"
-        );
+        let _ = write!(Bounded(&mut self.scan.last_error), "/proc: {e}");
         log::warn!("scanning {}", self.scan.last_error);
     }
 
@@ -705,10 +702,7 @@ impl Govern {
                         let _ = ctx.deregister(std::os::fd::AsFd::as_fd(&c));
                     }
                     self.scan_only.clear();
-                    let _ = write!(
-                        table::BoundedWriter(&mut self.scan_only),
-                        "proc connector failed: {e}"
-                    );
+                    let _ = write!(Bounded(&mut self.scan_only), "proc connector failed: {e}");
                     return;
                 }
             };
@@ -865,17 +859,13 @@ impl Govern {
                     e.note.clear();
                     if let Some(r) = refused {
                         self.counters.memory_refused += 1;
-                        e.note(format_args!(
-                            "memory.max {} refused: it already uses {} bytes (VmRSS) and the kernel would OOM-kill it",
-                            r.limit, r.rss
-                        ));
-                        log::warn!("{} {}: {}", e.comm, e.pid, e.note);
+                        e.refused(r.limit, r.rss);
                     }
                     log::info!(
                         "new limits for {} {}: {}",
                         e.comm,
                         e.pid,
-                        AppliedText(&e.applied)
+                        docs::AppliedText(&e.applied)
                     );
                 }
                 Err(f) => log::warn!(
@@ -886,26 +876,6 @@ impl Govern {
                     f.error
                 ),
             }
-        }
-    }
-}
-
-/// `cpu.max 300000 100000, cpu.weight 100, memory.max 8589934592`.
-struct AppliedText<'a>(&'a table::Applied);
-
-impl std::fmt::Display for AppliedText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let a = self.0;
-        match a.cpu_max_us {
-            Some(q) => write!(f, "cpu.max {q} {}", targets::CPU_PERIOD_US)?,
-            None => f.write_str("cpu.max not set")?,
-        }
-        if let Some(w) = a.cpu_weight {
-            write!(f, ", cpu.weight {w}")?;
-        }
-        match a.memory_max {
-            Some(m) => write!(f, ", memory.max {m}"),
-            None => f.write_str(", memory.max not set"),
         }
     }
 }
@@ -1022,238 +992,15 @@ impl Service for Govern {
     }
 
     fn report(&self, r: &mut Report) {
-        r.tracked = self.table.len() as u64;
-        if !self.cgroups.error.is_empty() {
-            r.worsen(Health::Unhealthy, format_args!("{}", self.cgroups.error));
-        }
-        if self.scan.failures_in_row >= FAILURES_FOR_DEGRADED {
-            r.worsen(
-                Health::Degraded,
-                format_args!(
-                    "{} /proc scans in a row failed: {}",
-                    self.scan.failures_in_row, self.scan.last_error
-                ),
-            );
-        }
-        let gave_up = self.table.count(Phase::GaveUp);
-        if gave_up > 0 {
-            r.worsen(
-                Health::Degraded,
-                format_args!(
-                    "{gave_up} process(es) could not be put into a cgroup after {} attempts: {}",
-                    self.config.max_attempts, self.last_attach_error
-                ),
-            );
-        } else if self.attach_failures_in_row >= FAILURES_FOR_DEGRADED {
-            r.worsen(
-                Health::Degraded,
-                format_args!(
-                    "{} attaches in a row failed: {}",
-                    self.attach_failures_in_row, self.last_attach_error
-                ),
-            );
-        }
-        if self.turned_away {
-            r.worsen(
-                Health::Degraded,
-                format_args!(
-                    "tracking {} processes, the most limits.max_tracked_processes allows: more are not governed",
-                    self.table.capacity()
-                ),
-            );
-        }
-        if !self.cgroups.missing.is_empty() {
-            r.worsen(Health::Degraded, format_args!("{}", self.cgroups.missing));
-        }
-        if self.cgroups.kind() == Some(FsKind::Plain) {
-            r.worsen(
-                Health::Degraded,
-                format_args!(
-                    "cgroup_root {} is a directory standing in for cgroupfs, not cgroup2: limits are written, not enforced",
-                    self.root_text
-                ),
-            );
-        }
-        let c = &self.counters;
-        let governed = self.table.count(Phase::Governed) as u64;
-        let pending = self
-            .table
-            .iter()
-            .filter(|t| matches!(t.phase, Phase::Young | Phase::Waiting | Phase::Retrying))
-            .count() as u64;
-        r.gauge(
-            "governed_processes",
-            "Processes in their group with their limits.",
-            governed,
-        );
-        r.gauge(
-            "pending_processes",
-            "Processes of a target waiting to be governed (too young, cgroup_root unusable, or retrying).",
-            pending,
-        );
-        r.counter(
-            "discovered_total",
-            "Processes of a target found, by scan or proc connector.",
-            c.discovered,
-        );
-        r.counter(
-            "attached_total",
-            "Processes put into a group with their limits.",
-            c.attached,
-        );
-        r.counter(
-            "recognised_total",
-            "Processes found already in their group (after a restart), not attached twice.",
-            c.recognised,
-        );
-        r.counter(
-            "attach_failures_total",
-            "Failed attempts to put a process into its group.",
-            c.attach_failures,
-        );
-        r.counter(
-            "gave_up_total",
-            "Processes given up on after max_attempts failed attaches.",
-            c.gave_up,
-        );
-        r.counter("exited_total", "Governed processes that exited.", c.exited);
-        r.counter(
-            "pid_reuses_total",
-            "Tracked PIDs found naming a new process.",
-            c.pid_reuses,
-        );
-        r.counter(
-            "groups_removed_total",
-            "Empty groups removed after their process exited.",
-            c.groups_removed,
-        );
-        r.counter(
-            "group_remove_failures_total",
-            "Groups that could not be removed after their process exited.",
-            c.group_remove_failures,
-        );
-        r.counter(
-            "filtered_uid_total",
-            "Processes passed over for a blocked uid.",
-            c.filtered_uid,
-        );
-        r.counter(
-            "filtered_user_total",
-            "Processes passed over for a user not in allowed_users.",
-            c.filtered_user,
-        );
-        r.counter(
-            "filtered_dir_total",
-            "Processes passed over for a working directory under blocked_dirs (or unreadable).",
-            c.filtered_dir,
-        );
-        r.counter(
-            "held_young_total",
-            "Processes found younger than min_runtime and held back.",
-            c.held_young,
-        );
-        r.counter(
-            "memory_limits_refused_total",
-            "memory.max limits not written because the process already used more.",
-            c.memory_refused,
-        );
-        r.counter(
-            "table_full_total",
-            "Processes not tracked because the table was full.",
-            c.table_full,
-        );
-        r.counter("scans_total", "Scans of /proc.", c.scans);
-        r.counter(
-            "scan_failures_total",
-            "Scans of /proc that failed.",
-            c.scan_failures,
-        );
-        r.counter(
-            "scan_time_microseconds_total",
-            "Time spent scanning /proc, in microseconds.",
-            c.scan_time_us,
-        );
-        r.gauge(
-            "scan_last_microseconds",
-            "Duration of the last /proc scan, in microseconds.",
-            self.scan.last_us,
-        );
-        r.gauge(
-            "scan_processes",
-            "Processes listed by the last /proc scan.",
-            self.scan.pids,
-        );
-        r.gauge(
-            "connector_active",
-            "1 while the proc connector reports execs and exits, 0 when discovery is by scanning only.",
-            u64::from(self.connector.is_some()),
-        );
-        r.counter(
-            "connector_events_total",
-            "Events received from the proc connector.",
-            c.connector_events,
-        );
-        r.counter(
-            "connector_overflows_total",
-            "Times the proc connector queue overflowed (events lost, /proc scanned).",
-            c.connector_overflows,
-        );
-        r.gauge(
-            "discovery_latency_last_microseconds",
-            "From a target's exec to its discovery through the proc connector, last one.",
-            self.latency_last_us,
-        );
-        r.gauge(
-            "discovery_latency_max_microseconds",
-            "From a target's exec to its discovery through the proc connector, most this run.",
-            self.latency_max_us,
-        );
-        for (i, t) in self.targets.list.iter().enumerate() {
-            let governed = self
-                .table
-                .iter()
-                .filter(|e| e.target == Some(i) && e.phase == Phase::Governed)
-                .count() as u64;
-            for (name, help, kind, value) in [
-                (
-                    "target_governed_processes",
-                    "Processes of a target in their group.",
-                    CounterKind::Gauge,
-                    governed,
-                ),
-                (
-                    "target_attached_total",
-                    "Processes of a target put into a group.",
-                    CounterKind::Counter,
-                    t.attached_total,
-                ),
-                (
-                    "target_exited_total",
-                    "Governed processes of a target that exited.",
-                    CounterKind::Counter,
-                    t.exited_total,
-                ),
-            ] {
-                r.labelled(
-                    Counter {
-                        name,
-                        help,
-                        kind,
-                        value,
-                    },
-                    "target",
-                    &t.name,
-                );
-            }
-        }
+        docs::report(self, r);
     }
 
     fn details(&self, out: &mut [u8]) -> serde_json_core::ser::Result<usize> {
-        serde_json_core::to_slice(&Details(self), out)
+        serde_json_core::to_slice(&docs::Details(self), out)
     }
 
     fn save_state(&self, out: &mut [u8]) -> serde_json_core::ser::Result<usize> {
-        serde_json_core::to_slice(&SavedDoc(self), out)
+        serde_json_core::to_slice(&docs::SavedDoc(self), out)
     }
 
     fn restore_state(&mut self, saved: &serde_json::Value) {
@@ -1275,350 +1022,5 @@ impl Service for Govern {
             "leaving {} governed process(es) running in their groups",
             self.table.count(Phase::Governed)
         );
-    }
-}
-
-/// `services.govern.details` in status.json.
-struct Details<'a>(&'a Govern);
-
-impl Serialize for Details<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let g = self.0;
-        let mut st = s.serialize_struct("Details", 8)?;
-        st.serialize_field(
-            "discovery",
-            if g.connector.is_some() {
-                "proc_connector"
-            } else {
-                "scan"
-            },
-        )?;
-        st.serialize_field(
-            "scan_only_because",
-            &(!g.scan_only.is_empty()).then_some(g.scan_only.as_str()),
-        )?;
-        st.serialize_field("cgroup_root", g.root_text.as_str())?;
-        st.serialize_field(
-            "cgroupfs",
-            match g.cgroups.kind() {
-                Some(k) => k.as_str(),
-                None => "unusable",
-            },
-        )?;
-        st.serialize_field("controllers", g.cgroups.enabled.names())?;
-        st.serialize_field("memory_controller", &g.cgroups.memory_note.as_deref())?;
-        st.serialize_field("processes", &Processes(g))?;
-        st.serialize_field("targets", &TargetsDoc(g))?;
-        st.end()
-    }
-}
-
-struct Processes<'a>(&'a Govern);
-
-impl Serialize for Processes<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let g = self.0;
-        let mut seq = s.serialize_seq(Some(g.table.len()))?;
-        for e in g.table.iter() {
-            seq.serialize_element(&ProcessDoc(g, e))?;
-        }
-        seq.end()
-    }
-}
-
-struct ProcessDoc<'a>(&'a Govern, &'a Tracked);
-
-fn iso(secs: i64) -> heapless::String<32> {
-    let mut out = heapless::String::new();
-    let _ = write!(out, "{}", WallTime::from_secs(secs).iso_secs());
-    out
-}
-
-impl Serialize for ProcessDoc<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (g, e) = (self.0, self.1);
-        let mut m = s.serialize_map(Some(10))?;
-        m.serialize_entry("pid", &e.pid)?;
-        m.serialize_entry("comm", e.comm.as_str())?;
-        m.serialize_entry(
-            "target",
-            &e.target
-                .and_then(|t| g.targets.list.get(t))
-                .map(|t| t.name.as_str()),
-        )?;
-        m.serialize_entry("state", e.phase.as_str())?;
-        m.serialize_entry("group", &(!e.group.is_empty()).then_some(e.group.as_str()))?;
-        let mut cpu = heapless::String::<32>::new();
-        if let Some(q) = e.applied.cpu_max_us {
-            let _ = write!(cpu, "{q} {}", targets::CPU_PERIOD_US);
-        }
-        m.serialize_entry("cpu_max", &(!cpu.is_empty()).then_some(cpu.as_str()))?;
-        m.serialize_entry("cpu_weight", &e.applied.cpu_weight)?;
-        m.serialize_entry("memory_max", &e.applied.memory_max)?;
-        m.serialize_entry("since", iso(e.since).as_str())?;
-        m.serialize_entry("started", iso(e.started_at).as_str())?;
-        m.serialize_entry("note", &(!e.note.is_empty()).then_some(e.note.as_str()))?;
-        m.end()
-    }
-}
-
-struct TargetsDoc<'a>(&'a Govern);
-
-impl Serialize for TargetsDoc<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let g = self.0;
-        let mut seq = s.serialize_seq(Some(g.targets.list.len()))?;
-        for (i, t) in g.targets.list.iter().enumerate() {
-            let governed = g
-                .table
-                .iter()
-                .filter(|e| e.target == Some(i) && e.phase == Phase::Governed)
-                .count();
-            let mut cpu = heapless::String::<32>::new();
-            let _ = write!(cpu, "{} {}", t.limits.cpu_max_us(), targets::CPU_PERIOD_US);
-            seq.serialize_element(&TargetRow {
-                target: &t.name,
-                governed,
-                attached_total: t.attached_total,
-                exited_total: t.exited_total,
-                cpu_max: &cpu,
-                cpu_weight: t.limits.cpu_weight,
-                memory_max: t.limits.memory_max,
-                min_runtime_ms: t.min_runtime_ms,
-            })?;
-        }
-        seq.end()
-    }
-}
-
-#[derive(Serialize)]
-struct TargetRow<'a> {
-    target: &'a str,
-    governed: usize,
-    attached_total: u64,
-    exited_total: u64,
-    cpu_max: &'a str,
-    cpu_weight: u32,
-    memory_max: u64,
-    min_runtime_ms: u64,
-}
-
-/// The service's piece of state.json.
-struct SavedDoc<'a>(&'a Govern);
-
-#[derive(Serialize)]
-struct SavedTarget<'a> {
-    target: &'a str,
-    attached_total: u64,
-    exited_total: u64,
-}
-
-impl Serialize for SavedDoc<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let g = self.0;
-        let mut st = s.serialize_struct("Saved", 3)?;
-        st.serialize_field("processes", &SavedProcesses(g))?;
-        st.serialize_field("counters", &g.counters)?;
-        st.serialize_field("targets", &SavedTargets(g))?;
-        st.end()
-    }
-}
-
-struct SavedProcesses<'a>(&'a Govern);
-
-impl Serialize for SavedProcesses<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let g = self.0;
-        let mut seq = s.serialize_seq(None)?;
-        for e in g.table.iter().filter(|e| e.phase.is_saved()) {
-            seq.serialize_element(&SavedProcess {
-                pid: e.pid,
-                start_ticks: e.start_ticks,
-                comm: e.comm.as_str(),
-                target: e
-                    .target
-                    .and_then(|t| g.targets.list.get(t))
-                    .map_or("", |t| t.name.as_str()),
-                group: e.group.as_str(),
-                phase: e.phase.as_str(),
-                since: e.since,
-                started_at: e.started_at,
-                cpu_max_us: e.applied.cpu_max_us,
-                cpu_weight: e.applied.cpu_weight,
-                memory_max: e.applied.memory_max,
-            })?;
-        }
-        seq.end()
-    }
-}
-
-struct SavedTargets<'a>(&'a Govern);
-
-impl Serialize for SavedTargets<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(None)?;
-        for t in &self.0.targets.list {
-            seq.serialize_element(&SavedTarget {
-                target: &t.name,
-                attached_total: t.attached_total,
-                exited_total: t.exited_total,
-            })?;
-        }
-        seq.end()
-    }
-}
-
-/// What `edgekeeper check` says about this machine for a `govern` block:
-/// whether `cgroup_root` is on cgroup2, which controllers its groups can
-/// get, and whether the kernel has its memory controller on.
-pub fn host_notes(g: &config::Govern) -> Vec<String> {
-    let mut notes = Vec::new();
-    let root = &g.cgroup_root;
-    let parent = root.parent().unwrap_or(Path::new("/"));
-    let probe = if root.exists() {
-        root.as_path()
-    } else {
-        parent
-    };
-    match FsKind::of(probe) {
-        Ok(FsKind::Cgroup2) => {
-            let offered = |p: &Path| {
-                Controllers::parse(&std::fs::read(p.join("cgroup.controllers")).unwrap_or_default())
-            };
-            let mut have = offered(parent);
-            if root.exists() {
-                let own = offered(root);
-                have.cpu |= own.cpu;
-                have.memory |= own.memory;
-            }
-            let missing = Controllers::ALL.missing_from(have);
-            if missing.any() {
-                notes.push(format!(
-                    "cgroup controller {} is not offered to {}: its groups will be made and processes moved, without the {} limits",
-                    missing.names(),
-                    root.display(),
-                    missing.names()
-                ));
-            }
-        }
-        Ok(FsKind::Plain) => notes.push(format!(
-            "cgroup_root {} is not on a cgroup2 file system{}: govern would write limit files into a plain directory and enforce nothing",
-            root.display(),
-            match cgroup::cgroup2_mount() {
-                Some(m) => format!(" (cgroup2 is mounted at {})", m.display()),
-                None => " (no cgroup2 file system is mounted)".into(),
-            }
-        )),
-        Err(e) => notes.push(format!(
-            "cgroup_root {}: {} cannot be used: {e}",
-            root.display(),
-            probe.display()
-        )),
-    }
-    if let Some(note) = MemoryController::detect().ok().and_then(memory_note) {
-        notes.push(note);
-    }
-    notes
-}
-
-/// Where `edgekeeper demo` should put its groups.
-#[derive(Debug)]
-pub struct DemoCgroups {
-    /// The `cgroup_root` for the demo config.
-    pub root: PathBuf,
-    /// True when it is real cgroup v2 (processes are really moved).
-    pub real: bool,
-    /// One sentence saying which, and why.
-    pub explanation: String,
-}
-
-/// Picks the demo's `cgroup_root`: a group on this machine's cgroup2 mount
-/// when it is writable, else a directory standing in for cgroupfs inside
-/// `sandbox` (made here). The demo should remove a real `root` (rmdir)
-/// after the daemon stopped and its named child was killed.
-pub fn demo_cgroup_root(sandbox: &Path) -> DemoCgroups {
-    let why = match cgroup::cgroup2_mount() {
-        Some(mount) => {
-            let root = mount.join(format!("edgekeeper-demo-{}", std::process::id()));
-            match std::fs::create_dir(&root).and_then(|()| std::fs::remove_dir(&root)) {
-                Ok(()) => {
-                    return DemoCgroups {
-                        explanation: format!(
-                            "real cgroup v2 at {}: the group is made and the process really moved",
-                            root.display()
-                        ),
-                        root,
-                        real: true,
-                    };
-                }
-                Err(e) => format!("cgroup v2 at {} is not writable ({e})", mount.display()),
-            }
-        }
-        None => "no cgroup v2 file system is mounted".to_string(),
-    };
-    let root = sandbox.join("cgroupfs").join("edgekeeper.slice");
-    let _ = std::fs::create_dir_all(sandbox.join("cgroupfs"));
-    DemoCgroups {
-        explanation: format!(
-            "{why}: groups go to {}, a directory standing in for cgroupfs; limit files are written there and nothing is enforced",
-            root.display()
-        ),
-        root,
-        real: false,
-    }
-}
-
-/// A `govern` block for the demo: one target, `ffmpeg`, found within a
-/// second and governed whoever runs the demo (root included) wherever it
-/// runs (`/tmp` included).
-pub fn demo_config(root: &Path) -> String {
-    let root = serde_json::to_string(&root.to_string_lossy()).unwrap_or_else(|_| "\"\"".into());
-    format!(
-        r#"{{"cgroup_root": {root}, "scan_every": "1s",
-    "filters": {{"min_runtime": "1s", "blocked_uids": [], "blocked_dirs": []}},
-    "defaults": {{"cpu_quota": 50, "cpu_weight": 100, "memory_max": "512MiB"}},
-    "targets": [{{"comm": "ffmpeg", "cpu_quota": 100}}]}}"#
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_demo_block_is_a_valid_govern_config() {
-        let text = format!(
-            "{{\"govern\": {}}}",
-            demo_config(Path::new("/x/\"q\"/slice"))
-        );
-        let c = Config::parse(&text, Path::new("/etc/edgekeeper/demo.json")).unwrap();
-        let g = c.govern.unwrap();
-        assert_eq!(g.cgroup_root, Path::new("/x/\"q\"/slice"));
-        assert!(g.filters.blocked_uids.is_empty());
-        assert_eq!(g.targets[0].comm, "ffmpeg");
-    }
-
-    #[test]
-    fn the_demo_root_is_real_cgroup2_or_a_stand_in() {
-        let sandbox =
-            std::env::temp_dir().join(format!("edgekeeper-demo-root-{}", std::process::id()));
-        let d = demo_cgroup_root(&sandbox);
-        if d.real {
-            assert!(d.explanation.contains("real cgroup v2"));
-            assert_eq!(
-                FsKind::of(d.root.parent().unwrap()).unwrap(),
-                FsKind::Cgroup2
-            );
-            assert!(!d.root.exists(), "the probe group is removed");
-        } else {
-            assert!(
-                d.explanation.contains("standing in for cgroupfs"),
-                "{}",
-                d.explanation
-            );
-            assert!(d.root.starts_with(&sandbox));
-            assert!(d.root.parent().unwrap().is_dir());
-        }
-        let _ = std::fs::remove_dir_all(&sandbox);
     }
 }

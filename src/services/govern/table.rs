@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::targets::Filter;
+use crate::services::Bounded;
 use crate::sys::clock::Instant;
 
 /// Where a tracked process stands.
@@ -120,24 +121,19 @@ impl Tracked {
         self.pid == pid && self.start_ticks == start_ticks
     }
 
+    /// Notes and warns that its `memory.max` of `limit` bytes was refused:
+    /// it already uses `rss`.
+    pub fn refused(&mut self, limit: u64, rss: u64) {
+        self.note(format_args!(
+            "memory.max {limit} refused: it already uses {rss} bytes (VmRSS) and the kernel would OOM-kill it"
+        ));
+        log::warn!("{} {}: {}", self.comm, self.pid, self.note);
+    }
+
     /// Sets the note, cut to fit.
     pub fn note(&mut self, args: core::fmt::Arguments<'_>) {
         self.note.clear();
-        let _ = core::fmt::Write::write_fmt(&mut BoundedWriter(&mut self.note), args);
-    }
-}
-
-/// Writes what fits and drops the rest (heapless refuses a whole piece).
-pub struct BoundedWriter<'a, const N: usize>(pub &'a mut heapless::String<N>);
-
-impl<const N: usize> core::fmt::Write for BoundedWriter<'_, N> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        for c in s.chars() {
-            if self.0.push(c).is_err() {
-                break;
-            }
-        }
-        Ok(())
+        let _ = core::fmt::Write::write_fmt(&mut Bounded(&mut self.note), args);
     }
 }
 
@@ -196,7 +192,7 @@ impl Table {
     pub fn get_mut(&mut self, i: usize) -> &mut Tracked {
         &mut self.entries[i]
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Tracked> {
+    pub fn iter(&self) -> std::slice::Iter<'_, Tracked> {
         self.entries.iter()
     }
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Tracked> {

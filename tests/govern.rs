@@ -469,6 +469,87 @@ fn real_cgroup2_moves_the_process_keeps_it_across_a_restart_and_removes_the_grou
 }
 
 #[test]
+fn a_group_left_holding_children_lingers_until_it_is_empty() {
+    let Some(real) = RealRoot::new("linger") else {
+        return;
+    };
+    let sb = Sandbox::new("govern-linger");
+    unfiltered(&sb, &real.path, r#"[{"comm": "ek-linger"}]"#);
+    // A copy of sh named ek-linger that, once governed, starts a child
+    // (born in its group) and waits.
+    let sh = sb.path("bin/ek-linger");
+    std::fs::create_dir_all(sb.path("bin")).unwrap();
+    std::fs::copy("/bin/sh", &sh).unwrap();
+    let d = sb.start();
+    let mut parent = Sleeper {
+        child: Command::new(&sh)
+            .args(["-c", "sleep 1; sleep 600 & wait"])
+            .spawn()
+            .unwrap(),
+    };
+    let pid = parent.pid();
+    governed(&d, pid);
+    let group = real.path.join(format!("ek-linger-{pid}"));
+    let procs = group.join("cgroup.procs");
+    let child: i32 = wait_for(LIMIT, || {
+        read(&procs)
+            .lines()
+            .map(|l| l.parse::<i32>().unwrap())
+            .find(|&p| p != pid as i32)
+    })
+    .expect("the child in the group");
+    parent.kill();
+    let s = until(&d, "lingering", |s| is(s, pid, "lingering"));
+    assert!(group.is_dir(), "kept while its child runs in it");
+    let note = process(&s, pid).unwrap()["note"].as_str().unwrap();
+    assert!(note.contains("still holds processes"), "{note}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = until(&d, "forgotten", |s| process(s, pid).is_none());
+    assert!(!group.exists(), "removed once empty");
+    assert_eq!(counter(&s, "groups_removed_total"), 1);
+    d.stop();
+}
+
+#[test]
+fn a_full_table_turns_processes_away_until_there_is_room() {
+    let sb = Sandbox::new("govern-full");
+    let root = sb.path("cg");
+    sb.write_config(&format!(
+        r#""status_every": "200ms", "limits": {{"max_tracked_processes": 2}},
+  "govern": {{"cgroup_root": {root:?}, "scan_every": "1s",
+    "filters": {{"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []}},
+    "targets": [{{"comm": "ek-full"}}]}}"#,
+        root = root.display().to_string()
+    ));
+    let d = sb.start();
+    let mut first = spawn(&sb, "ek-full", &sb.dir);
+    let second = spawn(&sb, "ek-full", &sb.dir);
+    governed(&d, first.pid());
+    governed(&d, second.pid());
+    let third = spawn(&sb, "ek-full", &sb.dir);
+    let s = until(&d, "turned away", |s| counter(s, "table_full_total") >= 1);
+    assert!(process(&s, third.pid()).is_none());
+    assert_eq!(govern(&s)["tracked"], 2);
+    assert_eq!(govern(&s)["health"], "degraded");
+    let reason = govern(&s)["reason"].as_str().unwrap();
+    assert!(reason.contains("max_tracked_processes"), "{reason}");
+    first.kill();
+    let s = governed(&d, third.pid());
+    assert_eq!(govern(&s)["health"], "degraded", "still a stand-in");
+    assert!(
+        !govern(&s)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_tracked_processes")
+    );
+    d.stop();
+}
+
+#[test]
 fn a_restart_recognises_living_processes_and_forgets_exited_ones() {
     let sb = Sandbox::new("govern-restart");
     let root = sb.path("cg");

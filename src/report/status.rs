@@ -272,10 +272,16 @@ pub struct StatusFiles {
 
 impl StatusFiles {
     pub fn new(run_dir: &Path) -> io::Result<StatusFiles> {
+        Self::with_capacity(run_dir, 32 * 1024)
+    }
+
+    /// With a snapshot buffer of `bytes`, sized at start for what the
+    /// services will show (so it need not grow in the event path).
+    pub fn with_capacity(run_dir: &Path, bytes: usize) -> io::Result<StatusFiles> {
         Ok(StatusFiles {
             json: AtomicFile::new(&run_dir.join(FILE_NAME), false)?,
             prom: AtomicFile::new(&run_dir.join(metrics::FILE_NAME), false)?,
-            json_buf: vec![0; 32 * 1024],
+            json_buf: vec![0; bytes.max(32 * 1024)],
             prom_buf: String::with_capacity(32 * 1024),
         })
     }

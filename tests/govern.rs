@@ -267,9 +267,15 @@ fn targets_are_found_others_ignored_and_limit_files_hold_exact_values() {
     assert_eq!(counter(&s, "attached_total"), 3);
     assert_eq!(counter(&s, "governed_processes"), 3);
 
-    // The human status lists the governed processes.
-    let out = sb.run_cli(&["status"]);
-    let text = common::stdout(&out);
+    // The human status lists the governed processes. (A snapshot older
+    // than 3 × 200 ms reads as "not running": under qemu, ask afresh.)
+    let text = wait_for(LIMIT, || {
+        d.signal(nix::sys::signal::Signal::SIGUSR1);
+        std::thread::sleep(Duration::from_millis(20));
+        let out = sb.run_cli(&["status"]);
+        out.status.success().then(|| common::stdout(&out))
+    })
+    .expect("edgekeeper status");
     assert!(text.contains("govern processes:"), "{text}");
     assert!(text.contains(&format!("ffmpeg-{}", ffmpeg.pid())), "{text}");
     // Metrics per target.

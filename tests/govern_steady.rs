@@ -8,6 +8,8 @@
 //! killed with counting paused: spawning is the test's doing, not the
 //! daemon's.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use edgekeeper::daemon::Daemon;
@@ -21,19 +23,14 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 #[test]
 fn governing_processes_allocates_nothing() {
-    let dir = std::env::temp_dir().join(format!("edgekeeper-govern-steady-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("edgekeeper.json");
-    std::fs::write(
-        &config,
+    let (dir, config) = common::scratch_config(
+        "govern-steady",
         r#"{"state_dir": "state", "run_dir": "run", "status_every": "100ms",
             "log": {"file": "log/edgekeeper.log", "level": "info"},
             "govern": {"cgroup_root": "cg", "scan_every": "1s",
               "filters": {"min_runtime": "0s", "blocked_uids": [], "blocked_dirs": []},
               "targets": [{"comm": "ek-steady", "cpu_quota": 150}, {"comm": "ek-steady-other"}]}}"#,
-    )
-    .unwrap();
+    );
     let mut daemon = Daemon::start(&config, Notifier::none()).unwrap();
     let run_for = |daemon: &mut Daemon, how_long: Duration, turns: &mut u32| {
         let end = Instant::now() + how_long;

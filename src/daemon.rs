@@ -139,9 +139,10 @@ impl Daemon {
         alerts.restore(opened.loaded.alert_cooldowns);
         let mut lifetime = opened.loaded.lifetime;
         lifetime.starts += 1;
-        let status_files = StatusFiles::new(&config.run_dir)
+        let tracked_bytes = BYTES_PER_TRACKED * config_limits_tracked(&config);
+        let status_files = StatusFiles::with_capacity(&config.run_dir, 32 * 1024 + tracked_bytes)
             .map_err(io_err(format_args!("run_dir {}", config.run_dir.display())))?;
-        let pieces = Pieces::with_capacity(16 * 1024 + 256 * config_limits_tracked(&config));
+        let pieces = Pieces::with_capacity(16 * 1024 + tracked_bytes);
         let now = Instant::now();
         let mut daemon = Daemon {
             config_path_text: config_path.display().to_string(),
@@ -540,7 +541,11 @@ impl Daemon {
     }
 }
 
-/// Bytes of service state to expect per tracked process.
+/// Bytes of status details or state to expect per tracked process (govern
+/// shows pid, names, group, limits, times and a note of up to 160 bytes).
+const BYTES_PER_TRACKED: usize = 512;
+
+/// Tracked processes to make room for in status and state.
 fn config_limits_tracked(config: &Config) -> usize {
     if config.govern.is_some() {
         config.limits.max_tracked_processes as usize

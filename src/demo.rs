@@ -382,7 +382,10 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
     let dir = std::path::absolute(dir)?;
     // The camera needs room for a frozen stretch and a 1.5 s stall.
     let seconds = if seconds < MIN_SECONDS {
-        writeln!(out, "(running {MIN_SECONDS} s, the shortest demo in which every part shows)")?;
+        writeln!(
+            out,
+            "(running {MIN_SECONDS} s, the shortest demo in which every part shows)"
+        )?;
         MIN_SECONDS
     } else {
         seconds

@@ -179,6 +179,11 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     println!("{}", config.to_pretty_json());
+    if let Some(g) = &config.govern {
+        for note in services::govern::host_notes(g) {
+            eprintln!("note: govern: {note}");
+        }
+    }
     for name in config.services() {
         if !services::PROVIDED.contains(&name) {
             eprintln!("note: {name} is configured, but this build does not provide it yet");

@@ -203,5 +203,37 @@ pub fn render(snap: &Snapshot<'_>, out: &mut String) {
                 value = counter.value
             );
         }
+        labelled(out, svc.name(), &r);
+    }
+}
+
+/// Labelled series, grouped by metric name under one HELP and TYPE.
+fn labelled(out: &mut String, svc: &str, r: &Report) {
+    for (i, l) in r.labelled.iter().enumerate() {
+        let name = l.counter.name;
+        if r.labelled[..i].iter().any(|e| e.counter.name == name) {
+            continue;
+        }
+        let kind = match l.counter.kind {
+            CounterKind::Counter => "counter",
+            CounterKind::Gauge => "gauge",
+        };
+        let _ = writeln!(
+            out,
+            "# HELP edgekeeper_{svc}_{name} {}\n# TYPE edgekeeper_{svc}_{name} {kind}",
+            l.counter.help
+        );
+        for e in r.labelled[i..].iter().filter(|e| e.counter.name == name) {
+            let _ = write!(out, "edgekeeper_{svc}_{name}{{{}=\"", e.label);
+            for c in e.value.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            let _ = writeln!(out, "\"}} {}", e.counter.value);
+        }
     }
 }

@@ -272,10 +272,16 @@ pub struct StatusFiles {
 
 impl StatusFiles {
     pub fn new(run_dir: &Path) -> io::Result<StatusFiles> {
+        Self::with_capacity(run_dir, 32 * 1024)
+    }
+
+    /// With a snapshot buffer of `bytes`, sized at start for what the
+    /// services will show (so it need not grow in the event path).
+    pub fn with_capacity(run_dir: &Path, bytes: usize) -> io::Result<StatusFiles> {
         Ok(StatusFiles {
             json: AtomicFile::new(&run_dir.join(FILE_NAME), false)?,
             prom: AtomicFile::new(&run_dir.join(metrics::FILE_NAME), false)?,
-            json_buf: vec![0; 32 * 1024],
+            json_buf: vec![0; bytes.max(32 * 1024)],
             prom_buf: String::with_capacity(32 * 1024),
         })
     }
@@ -399,6 +405,9 @@ fn table(doc: &serde_json::Value, age_s: i64) -> String {
                     let _ = writeln!(out, "{:<40} {}", format!("{name}.{counter}"), s(value));
                 }
             }
+            for (name, svc) in map {
+                details_table(&mut out, name, &svc["details"]);
+            }
         }
         _ => {
             let _ = writeln!(out, "no services configured");
@@ -440,6 +449,67 @@ fn table(doc: &serde_json::Value, age_s: i64) -> String {
         );
     }
     out
+}
+
+/// A service's details: plain values as `service.key: value` lines, and
+/// each list of flat objects (govern's processes, say) as a table.
+fn details_table(out: &mut String, service: &str, details: &serde_json::Value) {
+    use serde_json::Value;
+    let Some(map) = details.as_object() else {
+        return;
+    };
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut wrote = false;
+    for (key, value) in map {
+        if !matches!(value, Value::Array(_) | Value::Object(_)) {
+            if !wrote {
+                let _ = writeln!(out);
+                wrote = true;
+            }
+            let _ = writeln!(out, "{service}.{key}: {}", cell(value));
+        }
+    }
+    for (key, value) in map {
+        let Some(rows) = value.as_array() else {
+            continue;
+        };
+        let Some(columns) = rows.first().and_then(Value::as_object) else {
+            continue;
+        };
+        let columns: Vec<&String> = columns.keys().collect();
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| columns.iter().map(|c| cell(&r[c.as_str()])).collect())
+            .collect();
+        let widths: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([c.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let _ = writeln!(out, "\n{service} {key}:");
+        let line = |out: &mut String, items: &mut dyn Iterator<Item = String>| {
+            let mut text = String::new();
+            for (i, item) in items.enumerate() {
+                let _ = write!(text, "{item:<w$}  ", w = widths[i]);
+            }
+            let _ = writeln!(out, "  {}", text.trim_end());
+        };
+        line(out, &mut columns.iter().map(|c| c.to_uppercase()));
+        for row in cells {
+            line(out, &mut row.into_iter());
+        }
+    }
 }
 
 fn human_duration(secs: u64) -> String {

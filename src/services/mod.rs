@@ -9,6 +9,7 @@
 //! arrive one issue at a time.
 
 pub mod frames;
+pub mod govern;
 pub mod relocate;
 
 use std::io;
@@ -67,6 +68,17 @@ pub struct Counter {
 
 pub const MAX_COUNTERS: usize = 48;
 
+/// A counter broken down by one label, such as a governed target:
+/// `edgekeeper_<service>_<name>{<label>="<value>"}` in metrics.
+#[derive(Clone, Debug)]
+pub struct Labelled {
+    pub counter: Counter,
+    pub label: &'static str,
+    pub value: heapless::String<64>,
+}
+
+pub const MAX_LABELLED: usize = 48;
+
 /// What a service says about itself in a status snapshot.
 pub struct Report {
     pub health: Health,
@@ -76,6 +88,9 @@ pub struct Report {
     pub watches: u64,
     /// Processes this service tracks.
     pub tracked: u64,
+    /// Counters per label value (metrics only; status.json shows them in
+    /// the service's details).
+    pub labelled: heapless::Vec<Labelled, MAX_LABELLED>,
 }
 
 impl Default for Report {
@@ -86,6 +101,7 @@ impl Default for Report {
             counters: heapless::Vec::new(),
             watches: 0,
             tracked: 0,
+            labelled: heapless::Vec::new(),
         }
     }
 }
@@ -107,6 +123,14 @@ impl Report {
             value,
         });
     }
+    /// One series of a labelled counter (`kind` as for [`Counter`]).
+    pub fn labelled(&mut self, counter: Counter, label: &'static str, value: &str) {
+        let _ = self.labelled.push(Labelled {
+            counter,
+            label,
+            value: crate::report::alerts::bounded(value),
+        });
+    }
     /// Sets health to at least `health`, keeping the first reason given for
     /// the worst state.
     pub fn worsen(&mut self, health: Health, reason: core::fmt::Arguments<'_>) {
@@ -116,8 +140,25 @@ impl Report {
             self.reason.clear();
         }
         if health == self.health && self.reason.is_empty() {
-            let _ = self.reason.write_fmt(reason);
+            // Cut to fit rather than lose a reason longer than the buffer
+            // (heapless refuses a whole piece that does not fit).
+            let _ = Bounded(&mut self.reason).write_fmt(reason);
         }
+    }
+}
+
+/// Writes into a heapless string what fits and drops the rest (heapless
+/// itself refuses a whole piece that does not fit).
+pub struct Bounded<'a, const N: usize>(pub &'a mut heapless::String<N>);
+
+impl<const N: usize> core::fmt::Write for Bounded<'_, N> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for c in s.chars() {
+            if self.0.push(c).is_err() {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -253,6 +294,9 @@ pub fn build(config: &Config) -> Built {
     if !config.frames.is_empty() {
         services.push(Box::new(frames::Frames::new(config)));
     }
+    if let Some(g) = &config.govern {
+        services.push(Box::new(govern::Govern::new(g, &config.limits)));
+    }
     let mut not_built = config.services();
     not_built.retain(|name| !services.iter().any(|s| s.name() == *name));
     Built {
@@ -262,7 +306,7 @@ pub fn build(config: &Config) -> Built {
 }
 
 /// Services this build provides, for `edgekeeper version`.
-pub const PROVIDED: &[&str] = &["relocate", "frames"];
+pub const PROVIDED: &[&str] = &["relocate", "frames", "govern"];
 
 /// JSON pieces written by each service into one buffer made at start, to be
 /// embedded in status.json or state.json without copying or allocating.

@@ -7,11 +7,15 @@
 //! services, config or logs; errors are returned, never reported.
 
 pub mod alloc;
+pub mod cgroup;
 pub mod clock;
 pub mod dir;
 pub mod fs;
 pub mod inotify;
 pub mod lock;
+pub mod named_child;
 pub mod notify;
 pub mod pattern;
+pub mod proc_connector;
 pub mod process;
+pub mod procfs;

@@ -248,3 +248,14 @@ pub fn total_size(dir: &Path) -> u64 {
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
 }
+
+/// For tests that run the daemon in their own thread: an emptied scratch
+/// directory holding `edgekeeper.json` with `config`; returns both paths.
+pub fn scratch_config(name: &str, config: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("edgekeeper-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("edgekeeper.json");
+    std::fs::write(&path, config).unwrap();
+    (dir, path)
+}

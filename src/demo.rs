@@ -43,6 +43,9 @@ trait Part {
         status: &serde_json::Value,
         out: &mut dyn io::Write,
     ) -> io::Result<bool>;
+    /// Removes what the part made outside the sandbox, after the daemon
+    /// stopped.
+    fn cleanup(&mut self) {}
 }
 
 /// Logs appearing anywhere under `data/`, in directories made on the fly,
@@ -353,6 +356,146 @@ impl Part for Camera {
     }
 }
 
+/// A process named `ffmpeg` started outside any job system: govern finds
+/// it, puts it in a group with limits, and removes the group when it ends.
+struct Ffmpeg {
+    cgroups: Option<crate::services::govern::DemoCgroups>,
+    child: Option<crate::sys::named_child::NamedChild>,
+    pid: Option<i32>,
+    seconds: f64,
+    spawned: bool,
+    governed_seen: bool,
+    group_seen: Option<String>,
+    /// How govern found processes while it ran (the snapshot at stop no
+    /// longer has the connector).
+    discovery: Option<String>,
+}
+
+impl Ffmpeg {
+    fn new(seconds: u64) -> Ffmpeg {
+        Ffmpeg {
+            cgroups: None,
+            child: None,
+            pid: None,
+            seconds: seconds as f64,
+            spawned: false,
+            governed_seen: false,
+            group_seen: None,
+            discovery: None,
+        }
+    }
+}
+
+impl Part for Ffmpeg {
+    fn config(&self) -> String {
+        let root = self
+            .cgroups
+            .as_ref()
+            .map(|c| c.root.clone())
+            .unwrap_or_default();
+        format!(
+            "\"govern\": {}",
+            crate::services::govern::demo_config(&root)
+        )
+    }
+
+    fn prepare(&mut self, dir: &Path) -> io::Result<()> {
+        self.cgroups = Some(crate::services::govern::demo_cgroup_root(dir));
+        Ok(())
+    }
+
+    fn tick(&mut self, dir: &Path, elapsed: f64) -> io::Result<()> {
+        if !self.spawned && elapsed >= 0.1 {
+            let child = crate::sys::named_child::NamedChild::spawn(c"ffmpeg", Some(c"/"), 0)?;
+            self.pid = Some(child.pid().as_raw());
+            self.child = Some(child);
+            self.spawned = true;
+        }
+        // Note what status says while it runs, then end it at 70 %.
+        if let (Some(pid), Some(s)) = (self.pid, read_status(dir)) {
+            if let Some(d) = s["services"]["govern"]["details"]["discovery"].as_str() {
+                self.discovery = Some(d.to_string());
+            }
+            for p in s["services"]["govern"]["details"]["processes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if p["pid"] == pid && p["group"].is_string() {
+                    self.governed_seen = true;
+                    self.group_seen = p["group"].as_str().map(str::to_string);
+                }
+            }
+        }
+        if elapsed >= self.seconds * 0.7 {
+            if let Some(mut c) = self.child.take() {
+                c.kill();
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _dir: &Path) -> io::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill();
+        }
+        Ok(())
+    }
+
+    fn summary(
+        &self,
+        _dir: &Path,
+        status: &serde_json::Value,
+        out: &mut dyn io::Write,
+    ) -> io::Result<bool> {
+        let g = &status["services"]["govern"];
+        let c = &g["counters"];
+        writeln!(
+            out,
+            "govern: a process named ffmpeg is started outside any job system"
+        )?;
+        if let Some(cg) = &self.cgroups {
+            writeln!(out, "  {}", cg.explanation)?;
+        }
+        writeln!(
+            out,
+            "  discovery by {}; {} attached, {} exited, {} groups removed",
+            self.discovery.as_deref().unwrap_or("?"),
+            c["attached_total"],
+            c["exited_total"],
+            c["groups_removed_total"]
+        )?;
+        if let Some(group) = &self.group_seen {
+            writeln!(
+                out,
+                "  pid {} was held in {group} while it ran",
+                self.pid.unwrap_or(0)
+            )?;
+        }
+        let ok = self.governed_seen
+            && c["attached_total"].as_u64() >= Some(1)
+            && c["groups_removed_total"].as_u64() >= Some(1);
+        writeln!(
+            out,
+            "  {}",
+            if ok {
+                "OK: found, put in its group with limits, and the group removed when it ended"
+            } else {
+                "PROBLEM: the ffmpeg process was not governed, or its group was not removed"
+            }
+        )?;
+        Ok(ok)
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(cg) = &self.cgroups {
+            if cg.real {
+                let _ = std::fs::remove_dir(&cg.root);
+            }
+        }
+    }
+}
+
 /// Matching logs still under `root`, outside `target` and `.git`.
 fn count_matching(root: &Path, target: &Path) -> u64 {
     let mut n = 0;
@@ -391,7 +534,15 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
         seconds
     };
     fresh_sandbox(&dir)?;
-    let mut parts: Vec<Box<dyn Part>> = vec![Box::new(Logs::new()), Box::new(Camera::new(seconds))];
+    let mut parts: Vec<Box<dyn Part>> = vec![
+        Box::new(Logs::new()),
+        Box::new(Camera::new(seconds)),
+        Box::new(Ffmpeg::new(seconds)),
+    ];
+    // Parts that decide their config from the machine look first.
+    for p in &mut parts {
+        p.prepare(&dir)?;
+    }
     let config = format!(
         "// Written by `edgekeeper demo` for this sandbox.\n{{\n  \"state_dir\": \"state\",\n  \"run_dir\": \"run\",\n  \"status_every\": \"1s\",\n  \"log\": {{ \"file\": \"log/edgekeeper.log\", \"level\": \"info\" }},\n  \"alerts\": {{ \"dir\": \"alerts\", \"cooldown\": \"1m\" }},\n  {}\n}}\n",
         parts
@@ -402,9 +553,6 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
     );
     let config_path = dir.join("edgekeeper.json");
     std::fs::write(&config_path, config)?;
-    for p in &mut parts {
-        p.prepare(&dir)?;
-    }
     writeln!(out, "edgekeeper demo in {} for {seconds} s", dir.display())?;
     writeln!(out, "  config: {}", config_path.display())?;
     writeln!(
@@ -420,6 +568,10 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
     if !ready {
         let _ = daemon.kill();
         let _ = daemon.wait();
+        for p in &mut parts {
+            let _ = p.finish(&dir);
+            p.cleanup();
+        }
         return Err(io::Error::other(format!(
             "the daemon did not start; see {}",
             dir.join("daemon.stderr").display()
@@ -467,8 +619,9 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
     let status = read_status(&dir).unwrap_or_default();
     writeln!(out, "\ndaemon stopped ({exit}); what happened:")?;
     let mut ok = exit.success();
-    for p in &parts {
+    for p in &mut parts {
         ok &= p.summary(&dir, &status, out)?;
+        p.cleanup();
     }
     let alerts = &status["alerts"];
     writeln!(

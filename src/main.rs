@@ -50,7 +50,12 @@ struct RunCmd {}
 #[derive(FromArgs)]
 /// Validate the config and print it with every default filled in.
 #[argh(subcommand, name = "check")]
-struct CheckCmd {}
+struct CheckCmd {
+    /// print instead the directories the config writes to, one per line
+    /// (for the systemd sandbox's ReadWritePaths=)
+    #[argh(switch)]
+    write_paths: bool,
+}
 
 #[derive(FromArgs)]
 /// Print the running daemon's status snapshot (exit 3 if none is running).
@@ -131,7 +136,7 @@ fn main() -> ExitCode {
     let path = config_path(&cli);
     match cli.command {
         Command::Run(_) => run(&path),
-        Command::Check(_) => check(&path),
+        Command::Check(cmd) => check(&path, cmd.write_paths),
         Command::Status(cmd) => show_status(&path, cmd.json),
         Command::Sweep(cmd) => sweep(&path, cmd.only.as_deref(), cmd.dry_run),
         Command::Demo(cmd) => {
@@ -173,11 +178,17 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(path: &std::path::Path, write_paths: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if write_paths {
+        for p in config.write_paths() {
+            println!("{}", p.display());
+        }
+        return ExitCode::SUCCESS;
+    }
     println!("{}", config.to_pretty_json());
     if let Some(g) = &config.govern {
         for note in services::govern::host_notes(g) {

@@ -652,6 +652,46 @@ impl Config {
         on
     }
 
+    /// The directories this config makes edgekeeper write into, for the
+    /// systemd sandbox (`ProtectSystem=strict` needs each in
+    /// `ReadWritePaths=`). Files are given by their directory; rotation
+    /// patterns by theirs; govern's cgroup root by its parent, where the
+    /// root itself may have to be made.
+    pub fn write_paths(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = vec![self.state_dir.clone(), self.run_dir.clone()];
+        let parent = |p: &Path| {
+            p.parent()
+                .map_or_else(|| p.to_path_buf(), Path::to_path_buf)
+        };
+        if let Some(f) = &self.log.file {
+            out.push(parent(f));
+        }
+        if let Some(d) = &self.alerts.dir {
+            out.push(d.clone());
+        }
+        for r in &self.relocate {
+            out.push(r.root.clone());
+            out.push(r.target.clone());
+        }
+        for f in &self.frames {
+            out.push(f.dir.clone());
+        }
+        if let Some(g) = &self.govern {
+            out.push(parent(&g.cgroup_root));
+        }
+        if let Some(s) = &self.storage {
+            out.extend(s.retention.iter().map(|r| r.root.clone()));
+            out.extend(s.orphans.iter().map(|o| o.dir.clone()));
+            out.extend(s.rotate.iter().map(|r| parent(&r.pattern)));
+        }
+        out.sort();
+        out.dedup();
+        // A directory inside another listed one is covered by it.
+        let all = out.clone();
+        out.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+        out
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -833,6 +873,35 @@ mod tests {
         assert_eq!(
             c.alerts.dir.unwrap(),
             Path::new("/etc/edgekeeper/../alerts")
+        );
+    }
+
+    #[test]
+    fn write_paths_cover_every_directory_written_once() {
+        let c = parse(
+            r#"{"state_dir": "/var/lib/ek", "run_dir": "/run/ek", "log": {"file": "/var/log/ek/ek.log"},
+                "relocate": [{"name": "a", "root": "/data/x", "match": ["*.log"], "target": "/data/x/state/logs"}],
+                "frames": [{"name": "c", "dir": "/var/captures/cam0"}],
+                "govern": {"cgroup_root": "/sys/fs/cgroup/edgekeeper.slice", "targets": [{"comm": "ffmpeg"}]},
+                "storage": {"rotate": [{"match": "/mnt/storage/logs/*.log", "max_size": "1MB"}]}}"#,
+        )
+        .unwrap();
+        let paths: Vec<String> = c
+            .write_paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/data/x",
+                "/mnt/storage/logs",
+                "/run/ek",
+                "/sys/fs/cgroup",
+                "/var/captures/cam0",
+                "/var/lib/ek",
+                "/var/log/ek"
+            ]
         );
     }
 

@@ -116,6 +116,19 @@ impl fmt::Display for Compact {
     }
 }
 
+/// A file's modification time as (seconds, nanoseconds) since the epoch,
+/// the same on 32-bit targets whose `time_t` is 32 bits (armhf glibc).
+#[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+pub fn mtime(st: &nix::sys::stat::FileStat) -> (i64, i64) {
+    (i64::from(st.st_mtime), st.st_mtime_nsec as i64)
+}
+
+/// A file's device number as u64 on every target.
+#[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+pub fn dev(st: &nix::sys::stat::FileStat) -> u64 {
+    st.st_dev as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -570,7 +570,8 @@ impl Capture {
         if seq.is_some() {
             self.last_seq = seq;
         }
-        let mtime_ms = st.st_mtime * 1000 + st.st_mtime_nsec / 1_000_000;
+        let (secs, nsecs) = crate::sys::clock::mtime(st);
+        let mtime_ms = secs * 1000 + nsecs / 1_000_000;
         let interval_ms = self
             .last_mtime_ms
             .filter(|&l| mtime_ms >= l && !reset)
@@ -939,7 +940,8 @@ impl Capture {
 }
 
 fn mtime_ns(st: &FileStat) -> i128 {
-    i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
+    let (secs, nsecs) = crate::sys::clock::mtime(st);
+    i128::from(secs) * 1_000_000_000 + i128::from(nsecs)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -120,7 +120,7 @@ impl Target {
         if self.dir.is_none() {
             std::fs::create_dir_all(&self.path)?;
             let fd = open_dir(&self.path)?;
-            self.dev = fstat(fd.as_fd())?.st_dev;
+            self.dev = crate::sys::clock::dev(&fstat(fd.as_fd())?);
             self.dir = Some(fd);
         }
         Ok(self.dir.as_ref().map(|d| d.as_fd()).expect("opened above"))
@@ -195,7 +195,7 @@ impl Target {
             return Outcome::Skipped(Skip::NotRegular);
         }
         if req.min_age_ms > 0 {
-            let age_ms = (req.now_secs - st.st_mtime).saturating_mul(1000);
+            let age_ms = (req.now_secs - crate::sys::clock::mtime(&st).0).saturating_mul(1000);
             if age_ms < req.min_age_ms as i64 {
                 return Outcome::Skipped(Skip::Young(
                     (req.min_age_ms as i64 - age_ms.max(0)) as u64,
@@ -236,7 +236,7 @@ impl Target {
                 step: "target",
             };
         }
-        if st.st_dev == self.dev {
+        if crate::sys::clock::dev(st) == self.dev {
             match self.rename_in(req, final_name) {
                 Err(Errno::EXDEV) => {} // another mount of the same device
                 Ok(collided) => return Outcome::Renamed { collided },
@@ -300,7 +300,9 @@ impl Target {
             Lease::Unavailable(_) => {
                 // No way to ask the kernel: trust a close event, or a file
                 // that has been quiet for a while.
-                if !req.closed && req.now_secs - st.st_mtime < QUIET_WITHOUT_LEASE_S {
+                if !req.closed
+                    && req.now_secs - crate::sys::clock::mtime(st).0 < QUIET_WITHOUT_LEASE_S
+                {
                     return Outcome::Skipped(Skip::WriterOpen);
                 }
             }

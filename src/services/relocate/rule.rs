@@ -1072,7 +1072,7 @@ impl Tree {
 /// their writer has closed them.
 fn mask_for(path: &CStr, target_dev: Option<u64>) -> u32 {
     match (nix::sys::stat::stat(path), target_dev) {
-        (Ok(st), Some(dev)) if st.st_dev == dev => DIR_MASK,
+        (Ok(st), Some(dev)) if crate::sys::clock::dev(&st) == dev => DIR_MASK,
         _ => DIR_MASK | inotify::IN_CLOSE_WRITE,
     }
 }

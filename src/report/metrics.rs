@@ -194,13 +194,13 @@ pub fn render(snap: &Snapshot<'_>, out: &mut String) {
                 CounterKind::Counter => "counter",
                 CounterKind::Gauge => "gauge",
             };
+            let name = BaseUnit(counter.name);
             let _ = writeln!(
                 out,
                 "# HELP edgekeeper_{svc}_{name} {help}\n# TYPE edgekeeper_{svc}_{name} {kind}\nedgekeeper_{svc}_{name} {value}",
                 svc = svc.name(),
-                name = counter.name,
                 help = counter.help,
-                value = counter.value
+                value = Value(counter.name, counter.value)
             );
         }
         labelled(out, svc.name(), &r);
@@ -210,10 +210,11 @@ pub fn render(snap: &Snapshot<'_>, out: &mut String) {
 /// Labelled series, grouped by metric name under one HELP and TYPE.
 fn labelled(out: &mut String, svc: &str, r: &Report) {
     for (i, l) in r.labelled.iter().enumerate() {
-        let name = l.counter.name;
-        if r.labelled[..i].iter().any(|e| e.counter.name == name) {
+        let raw = l.counter.name;
+        if r.labelled[..i].iter().any(|e| e.counter.name == raw) {
             continue;
         }
+        let name = BaseUnit(raw);
         let kind = match l.counter.kind {
             CounterKind::Counter => "counter",
             CounterKind::Gauge => "gauge",
@@ -223,7 +224,7 @@ fn labelled(out: &mut String, svc: &str, r: &Report) {
             "# HELP edgekeeper_{svc}_{name} {}\n# TYPE edgekeeper_{svc}_{name} {kind}",
             l.counter.help
         );
-        for e in r.labelled[i..].iter().filter(|e| e.counter.name == name) {
+        for e in r.labelled[i..].iter().filter(|e| e.counter.name == raw) {
             let _ = write!(out, "edgekeeper_{svc}_{name}{{{}=\"", e.label);
             for c in e.value.chars() {
                 match c {
@@ -233,7 +234,60 @@ fn labelled(out: &mut String, svc: &str, r: &Report) {
                     c => out.push(c),
                 }
             }
-            let _ = writeln!(out, "\"}} {}", e.counter.value);
+            let _ = writeln!(out, "\"}} {}", Value(raw, e.counter.value));
         }
+    }
+}
+
+/// A counter name in Prometheus base units: services count time in whole
+/// microseconds (status.json shows them so), metrics in seconds.
+struct BaseUnit(&'static str);
+
+impl std::fmt::Display for BaseUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.split_once("_microseconds") {
+            Some((stem, rest)) => write!(f, "{stem}_seconds{rest}"),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// A counter's value in the unit [`BaseUnit`] names.
+struct Value(&'static str, u64);
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.contains("_microseconds") {
+            write!(f, "{}.{:06}", self.1 / 1_000_000, self.1 % 1_000_000)
+        } else {
+            write!(f, "{}", self.1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn microsecond_counters_are_exposed_in_seconds() {
+        assert_eq!(
+            BaseUnit("scan_time_microseconds_total").to_string(),
+            "scan_time_seconds_total"
+        );
+        assert_eq!(
+            BaseUnit("scan_last_microseconds").to_string(),
+            "scan_last_seconds"
+        );
+        assert_eq!(
+            BaseUnit("files_moved_total").to_string(),
+            "files_moved_total"
+        );
+        assert_eq!(
+            Value("scan_last_microseconds", 1_234_567).to_string(),
+            "1.234567"
+        );
+        assert_eq!(Value("scan_last_microseconds", 42).to_string(), "0.000042");
+        assert_eq!(Value("files_moved_total", 42).to_string(), "42");
     }
 }

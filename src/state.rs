@@ -83,6 +83,12 @@ impl Serialize for Snapshot<'_> {
     }
 }
 
+/// Reads a state file's bytes (what `open` does after reading the file;
+/// fuzzed in `fuzz/`).
+pub fn parse(bytes: &[u8]) -> Result<Loaded, serde_json::Error> {
+    serde_json::from_slice::<Loaded>(bytes)
+}
+
 pub struct StateStore {
     file: AtomicFile,
     buf: Vec<u8>,
@@ -108,7 +114,7 @@ impl StateStore {
         let file = AtomicFile::new(&path, true)?;
         let mut moved_aside = None;
         let loaded = match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Loaded>(&bytes) {
+            Ok(bytes) => match parse(&bytes) {
                 Ok(l) => l,
                 Err(e) => {
                     let aside = state_dir

@@ -234,6 +234,11 @@ fn catch_up_analyses_exactly_the_newest_unanalysed_frames_of_fifty_thousand() {
     let ready = t0.elapsed();
     let st = daemon.status();
     assert_eq!(st["services"]["frames"]["counters"]["catch_up_total"], 10);
+    assert_eq!(
+        st["services"]["frames"]["counters"]["skipped_total"],
+        50_000 - 3 - 10,
+        "the rest is counted"
+    );
     let mut with_sidecar: Vec<u64> = sb
         .files_in("cam0")
         .iter()
@@ -305,7 +310,7 @@ fn the_external_analyzer_merges_its_output_and_failures_are_recorded() {
         "analyse.sh",
         r#"case "$1" in
   *000000004.jpg) echo oops; exit 3 ;;
-  *000000006.jpg) sleep 30 ;;
+  *000000006.jpg) sleep 31.5 ;;
   *000000008.jpg) echo 'not json' ;;
   *) printf '{"objects": 3, "path": "%s"}\n' "$1" ;;
 esac"#,
@@ -418,5 +423,42 @@ fn a_missing_capture_directory_is_unhealthy_until_it_appears() {
     w.write(Kind::Fresh).unwrap();
     wait_for(Duration::from_secs(20), || sidecar(&sb, 1).is_some()).expect("analysed");
     assert!(Path::new(&sb.path("cam0/capture_000000001.json")).exists());
+    assert_eq!(daemon.stop().0, 0);
+}
+
+#[test]
+fn a_reload_adopts_new_limits_without_losing_the_stream() {
+    let sb = Sandbox::new("frames-reload");
+    std::fs::create_dir_all(sb.path("cam0")).unwrap();
+    sb.write_config(&frames_config(
+        r#", "stall_after": "0s", "freeze_after": 0"#,
+    ));
+    let daemon = sb.start();
+    let mut w = FrameWriter::new(&sb.path("cam0"), 320, 240, 2_000);
+    for _ in 0..5 {
+        w.write(Kind::Fresh).unwrap();
+    }
+    wait_for(Duration::from_secs(20), || sidecar(&sb, 5).is_some()).expect("analysed");
+    // Stall detection on, freezes at 3: applied live.
+    sb.write_config(&frames_config(
+        r#", "stall_after": "1s", "freeze_after": 3"#,
+    ));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let st = daemon.status_where(|v| v["core"]["config_reloads"] == 1);
+    assert_eq!(
+        st["services"]["frames"]["counters"]["frames_analysed_total"], 5,
+        "the stream's state is kept"
+    );
+    for _ in 0..3 {
+        w.write(Kind::Repeat).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let st = daemon.status_where(|v| v["services"]["frames"]["counters"]["stalls_total"] == 1);
+    assert_eq!(st["services"]["frames"]["counters"]["freezes_total"], 1);
+    assert_eq!(
+        sidecar(&sb, 6).unwrap()["dropped_before"],
+        0,
+        "no false gap after the reload"
+    );
     assert_eq!(daemon.stop().0, 0);
 }

@@ -286,7 +286,12 @@ impl StatusFiles {
         })
     }
 
+    /// Writes the metrics first, then the snapshot: whoever sees a new
+    /// status.json finds the metrics of the same moment already there.
     pub fn write(&mut self, snap: &Snapshot<'_>) -> io::Result<()> {
+        self.prom_buf.clear();
+        metrics::render(snap, &mut self.prom_buf);
+        self.prom.write(self.prom_buf.as_bytes())?;
         let n = loop {
             match serde_json_core::to_slice(snap, &mut self.json_buf) {
                 // Room for the newline that ends the file.
@@ -300,10 +305,7 @@ impl StatusFiles {
             }
         };
         self.json_buf[n] = b'\n';
-        self.json.write(&self.json_buf[..=n])?;
-        self.prom_buf.clear();
-        metrics::render(snap, &mut self.prom_buf);
-        self.prom.write(self.prom_buf.as_bytes())
+        self.json.write(&self.json_buf[..=n])
     }
 }
 

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::process::{ChildStdout, Command, Stdio};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -152,10 +153,13 @@ impl Analyzer {
                     }
                 }
             }
+            // A process group of its own, so a timeout kills whatever the
+            // analyzer started as well.
             let spawned = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
+                .process_group(0)
                 .spawn();
             self.counters.runs += 1;
             match spawned {
@@ -221,7 +225,8 @@ impl Analyzer {
         if let Some(Some(run)) = self.running.get_mut(slot) {
             if run.deadline <= now && !run.timed_out {
                 run.timed_out = true;
-                let _ = kill(run.pid, Signal::SIGKILL);
+                // The whole group: the analyzer and anything it started.
+                let _ = kill(Pid::from_raw(-run.pid.as_raw()), Signal::SIGKILL);
             }
         }
     }

@@ -46,7 +46,10 @@ const ARRIVALS: usize = 32;
 const DARK_BELOW_PERCENT: u64 = 30;
 /// Sizes needed before the median means anything.
 const DARK_MIN_SAMPLES: usize = 8;
-const EVENT_BUFFER: usize = 16 * 1024;
+/// One read of this many bytes per loop turn (about 50 frames with the
+/// events of their own sidecars): a backlog is worked off in slices, and
+/// epoll (level-triggered) brings us back for the rest.
+const EVENT_BUFFER: usize = 4 * 1024;
 
 /// The built-in analysis of one frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,6 +86,9 @@ pub struct Counters {
     pub read_errors: u64,
     pub vanished: u64,
     pub catch_up: u64,
+    /// Frames without a sidecar that a catch-up pass left alone (older
+    /// than the newest `catch_up`, or lost to a queue overflow).
+    pub skipped: u64,
     pub sidecar_failures: u64,
 }
 
@@ -219,6 +225,30 @@ impl Capture {
         }
     }
 
+    /// Takes the limits of a reloaded config for the same directory,
+    /// keeping the watch and what the stream of frames has been like. An
+    /// analyzer change waits while the old analyzer still runs children.
+    pub fn adopt(&mut self, cfg: &FrameRule) {
+        self.patterns = Patterns::new(&cfg.patterns);
+        self.ignore = Patterns::new(&cfg.ignore);
+        self.sidecars = cfg.sidecar;
+        self.catch_up = cfg.catch_up as usize;
+        self.stall_after_ms = cfg.stall_after.as_millis();
+        self.freeze_after = cfg.freeze_after;
+        if self.stall_after_ms == 0 {
+            self.stalled = false;
+        }
+        let busy = self.analyzer.as_ref().is_some_and(|a| a.busy() > 0);
+        if busy {
+            log::warn!(
+                "{}: analyzer children are running; its new settings apply at the next restart",
+                self.name
+            );
+        } else {
+            self.analyzer = cfg.analyzer.as_ref().map(Analyzer::new);
+        }
+    }
+
     pub fn inotify_fd(&self) -> Option<BorrowedFd<'_>> {
         self.inotify.as_ref().map(|i| i.as_fd())
     }
@@ -288,6 +318,7 @@ impl Capture {
         let n = self.catch_up;
         let mut newest: BinaryHeap<Reverse<(u64, Vec<u8>)>> = BinaryHeap::with_capacity(n + 1);
         let mut highest: Option<u64> = None;
+        let (mut frames, mut sidecars) = (0u64, 0u64);
         let mut stream = DirStream::open_at(dir.as_fd(), c".")?;
         let mut buf = vec![0u8; 32 * 1024];
         loop {
@@ -298,8 +329,12 @@ impl Capture {
             for e in Entries::new(&buf[..got]) {
                 let name = e.name.to_bytes();
                 if !self.is_frame(name) {
+                    if name.ends_with(b".json") && !name.starts_with(b".") {
+                        sidecars += 1;
+                    }
                     continue;
                 }
+                frames += 1;
                 let Some(seq) = sequence(name) else { continue };
                 highest = Some(highest.map_or(seq, |h| h.max(seq)));
                 if n == 0 {
@@ -328,9 +363,20 @@ impl Capture {
         if let Some(h) = highest {
             self.last_seq = Some(self.last_seq.map_or(h, |l| l.max(h)));
         }
-        if !picked.is_empty() {
+        // Counted, not silently lost: frames without a sidecar that this
+        // pass did not take (sidecars of frames deleted since may make this
+        // an underestimate, never an overestimate of what was analysed).
+        let left = if self.sidecars {
+            frames
+                .saturating_sub(sidecars)
+                .saturating_sub(picked.len() as u64)
+        } else {
+            0
+        };
+        self.counters.skipped += left;
+        if !picked.is_empty() || left > 0 {
             log::info!(
-                "{}: caught up on {} frame(s) without a current sidecar, the newest up to seq {}",
+                "{}: caught up on {} frame(s) without a current sidecar, the newest up to seq {}; {left} older one(s) left alone",
                 self.name,
                 picked.len(),
                 picked.last().map_or(0, |p| p.0)
@@ -368,48 +414,38 @@ impl Capture {
     /// directory went away.
     pub fn on_events(&mut self, scratch: &mut Scratch, ctx: &mut Ctx<'_>) -> bool {
         let mut lost_dir = false;
-        for _ in 0..64 {
-            let Some(ino) = &self.inotify else {
-                return true;
-            };
-            let n = match ino.read(&mut self.events) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    log::error!("{}: reading inotify events: {e}", self.name);
-                    break;
-                }
-            };
-            let events = std::mem::take(&mut self.events);
-            let more = n > events.len() / 2;
-            for ev in Events::new(&events[..n]) {
-                if ev.is(inotify::IN_DELETE_SELF | inotify::IN_MOVE_SELF | inotify::IN_IGNORED) {
-                    lost_dir = true;
-                    continue;
-                }
-                if ev.is(inotify::IN_Q_OVERFLOW) {
-                    // Too many frames at once: the newest matter, and the
-                    // catch-up pass finds them.
-                    log::warn!(
-                        "{}: inotify queue overflowed; catching up on the newest frames",
-                        self.name
-                    );
-                    let _ = self.catch_up(scratch, ctx);
-                    continue;
-                }
-                if ev.is(inotify::IN_ISDIR) || !self.is_frame(ev.name) {
-                    continue;
-                }
-                self.frame(ev.name, true, scratch, ctx);
+        let Some(ino) = &self.inotify else {
+            return true;
+        };
+        let n = match ino.read(&mut self.events) {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("{}: reading inotify events: {e}", self.name);
+                0
             }
-            self.events = events;
-            // A read that did not fill half the buffer found the queue
-            // drained: epoll (level-triggered) wakes us for anything newer,
-            // so no extra read just to see EAGAIN.
-            if !more {
-                break;
+        };
+        let events = std::mem::take(&mut self.events);
+        for ev in Events::new(&events[..n]) {
+            if ev.is(inotify::IN_DELETE_SELF | inotify::IN_MOVE_SELF | inotify::IN_IGNORED) {
+                lost_dir = true;
+                continue;
             }
+            if ev.is(inotify::IN_Q_OVERFLOW) {
+                // Too many frames at once: the newest matter, and the
+                // catch-up pass finds them.
+                log::warn!(
+                    "{}: inotify queue overflowed; catching up on the newest frames",
+                    self.name
+                );
+                let _ = self.catch_up(scratch, ctx);
+                continue;
+            }
+            if ev.is(inotify::IN_ISDIR) || !self.is_frame(ev.name) {
+                continue;
+            }
+            self.frame(ev.name, true, scratch, ctx);
         }
+        self.events = events;
         if lost_dir {
             log::error!(
                 "{}: capture directory {} was removed or moved",

@@ -121,6 +121,7 @@ impl Frames {
             t.read_errors += c.read_errors;
             t.vanished += c.vanished;
             t.catch_up += c.catch_up;
+            t.skipped += c.skipped;
             t.sidecar_failures += c.sidecar_failures;
             if let Some(an) = &cap.analyzer {
                 a.runs += an.counters.runs;
@@ -263,6 +264,26 @@ impl Service for Frames {
         if config.frames == self.config {
             return;
         }
+        // The same capture directories in the same order: adopt the new
+        // limits live, keeping watches, stream state and running analyzers.
+        let same_dirs = config.frames.len() == self.config.len()
+            && config
+                .frames
+                .iter()
+                .zip(&self.config)
+                .all(|(a, b)| a.name == b.name && a.dir == b.dir);
+        if same_dirs {
+            for (cap, cfg) in self.captures.iter_mut().zip(&config.frames) {
+                cap.adopt(cfg);
+            }
+            self.config = config.frames.clone();
+            for c in 0..self.captures.len() {
+                ctx.cancel(Self::timer(c, STALL));
+                self.arm_stall(c, ctx);
+            }
+            log::info!("frames: new limits adopted");
+            return;
+        }
         log::info!("frames: capture directories changed: rewatching");
         for (c, cap) in self.captures.iter().enumerate() {
             if let Some(fd) = cap.inotify_fd() {
@@ -343,6 +364,11 @@ impl Service for Frames {
             "catch_up_total",
             "Frames analysed by catch-up passes.",
             t.catch_up,
+        );
+        report.counter(
+            "skipped_total",
+            "Frames without a sidecar left alone by catch-up (older than the newest catch_up, or lost to a queue overflow).",
+            t.skipped,
         );
         report.counter("analyzer_runs_total", "External analyzer runs.", a.runs);
         report.counter(

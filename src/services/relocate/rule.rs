@@ -40,6 +40,8 @@ const SCAN_QUEUE: usize = 4096;
 pub const SLICE: usize = 512;
 /// Files waiting for `min_age`.
 const DEFERRED: usize = 256;
+/// inotify reads handled per loop turn (each up to EVENT_BUFFER bytes).
+const READS_PER_TURN: usize = 4;
 
 /// Events each directory watch asks for. IN_CLOSE_WRITE is added only for
 /// directories on another file system than the target (see [`mask_for`]):
@@ -463,15 +465,22 @@ impl Rule {
     pub fn on_events(&mut self, ctx: &mut Ctx<'_>) -> bool {
         self.tree.now_secs = ctx.wall.secs;
         let mut queued = false;
-        for _ in 0..64 {
+        // A few buffers per turn at most, so a burst cannot hold the loop:
+        // epoll (level-triggered) brings us back for the rest.
+        let mut drained = false;
+        for _ in 0..READS_PER_TURN {
             let Some(ino) = &self.tree.inotify else {
                 return false;
             };
             let n = match ino.read(&mut self.tree.events) {
-                Ok(0) => break,
+                Ok(0) => {
+                    drained = true;
+                    break;
+                }
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("{}: reading inotify events: {e}", self.tree.name);
+                    drained = true;
                     break;
                 }
             };
@@ -479,9 +488,20 @@ impl Rule {
             for ev in Events::new(&events[..n]) {
                 queued |= self.on_event(&ev, ctx);
             }
+            // A read that did not fill half the buffer emptied the queue.
+            let full = n > events.len() / 2;
             self.tree.events = events;
+            if !full {
+                drained = true;
+                break;
+            }
         }
-        self.settle_moves();
+        // The two halves of a directory rename may straddle two reads:
+        // renamed-away directories are settled only once the queue is
+        // empty.
+        if drained {
+            self.settle_moves();
+        }
         self.tree.raise_limit_alert(ctx);
         queued
     }

@@ -290,6 +290,12 @@ pub struct Mount {
     /// Bytes per day this SD device may be written before `sd_wear` is raised.
     #[serde(default)]
     pub sd_write_budget: Option<Size>,
+    /// Treat the directory as a disk of this size: used is what the files
+    /// below it take (walked every `check_every`), free is the rest of the
+    /// quota or of the real file system, whichever is less. For a share of
+    /// a bigger disk (camera storage on the root file system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Size>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -370,11 +376,21 @@ pub struct RotateRule {
 #[serde(deny_unknown_fields)]
 pub struct Job {
     pub name: String,
-    /// `"HH:MM"` daily, or `"Sun 03:00"` weekly, local time.
-    pub at: String,
+    /// `"HH:MM"` daily, or `"Sun 03:00"` weekly, local time. Exactly one of
+    /// `at` and `every` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// Run every this long (the first run one interval after start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<Duration>,
     pub command: Vec<String>,
+    /// `null`: never killed.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// A run missed while the device was off (or the daemon stopped) is
+    /// made up once at start.
+    #[serde(default)]
+    pub catch_up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -339,6 +339,9 @@ fn storage(s: &Storage) -> Result<(), Invalid> {
         if let Some(c) = m.critical_used {
             percent(&format!("{key}.critical_used"), c)?;
         }
+        if m.quota == Some(Size::from_bytes(0)) {
+            return fail(format!("{key}.quota"), "must be more than 0B");
+        }
         if let (Some(w), Some(c)) = (m.warn_used, m.critical_used) {
             if w >= c {
                 return fail(
@@ -402,7 +405,21 @@ fn storage(s: &Storage) -> Result<(), Invalid> {
     for (i, j) in s.jobs.iter().enumerate() {
         let key = format!("storage.jobs[{i}]");
         name(&format!("{key}.name"), &j.name, &mut names)?;
-        JobTime::parse(&j.at).map_err(|m| (format!("{key}.at"), m))?;
+        match (&j.at, j.every) {
+            (Some(at), None) => {
+                JobTime::parse(at).map_err(|m| (format!("{key}.at"), m))?;
+            }
+            (None, Some(every)) => {
+                at_least(&format!("{key}.every"), every, Duration::from_secs(1))?
+            }
+            (Some(_), Some(_)) => return fail(key, "has both at and every: give one"),
+            (None, None) => {
+                return fail(key, "needs at (\"02:00\", \"Sun 03:00\") or every (\"6h\")");
+            }
+        }
+        if let Some(t) = j.timeout {
+            at_least(&format!("{key}.timeout"), t, Duration::from_millis(100))?;
+        }
         command(&format!("{key}.command"), &j.command)?;
     }
     Ok(())

@@ -11,6 +11,7 @@
 pub mod frames;
 pub mod govern;
 pub mod relocate;
+pub mod storage;
 
 use std::io;
 use std::os::fd::BorrowedFd;

@@ -231,6 +231,62 @@ fn renamed_directories_are_followed_and_excluded_subtrees_left_alone() {
 }
 
 #[test]
+fn files_made_just_before_an_ancestor_is_renamed_still_arrive() {
+    // Found by the demo under qemu: files created in a watched directory,
+    // then its grandparent renamed, all before the daemon reads the queue.
+    // The file events name the directory by its old path; they must not be
+    // dropped as "gone" but scanned once the rename is known. The sweep is
+    // an hour away, so only events and scans can deliver them.
+    let sb = Sandbox::new("stale-path");
+    std::fs::create_dir_all(sb.path("data/state/logs")).unwrap();
+    sb.write_config(&rule("data", "data/state/logs", "").replace("\"1m\"", "\"1h\""));
+    let daemon = sb.start();
+    let mut made = Vec::new();
+    for round in 0..5 {
+        let dir = sb.path(&format!("data/obs-{round}/beam/scan"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Until the deepest directory is watched: a file made there
+        // arrives by its event.
+        let probe = format!("casa-{round}-probe.log");
+        std::fs::write(dir.join(&probe), "probe").unwrap();
+        made.push(probe.clone());
+        let arrived = wait_for(Duration::from_secs(20), || {
+            sb.path("data/state/logs").join(&probe).exists()
+        });
+        assert!(arrived.is_some(), "{probe} never arrived");
+        daemon.signal(Signal::SIGSTOP);
+        for i in 0..3 {
+            let name = format!("casa-{round}-{i}.log");
+            std::fs::write(dir.join(&name), format!("{round} {i}")).unwrap();
+            made.push(name);
+        }
+        std::fs::rename(
+            sb.path(&format!("data/obs-{round}")),
+            sb.path(&format!("data/obs-{round}-renamed")),
+        )
+        .unwrap();
+        daemon.signal(Signal::SIGCONT);
+    }
+    let target = sb.path("data/state/logs");
+    let all = wait_for(Duration::from_secs(20), || {
+        made.iter().all(|f| target.join(f).exists())
+    });
+    let left: Vec<_> = files_under(&sb.path("data"))
+        .into_keys()
+        .filter(|k| !k.starts_with(b"state/"))
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .collect();
+    assert!(all.is_some(), "left behind: {left:?}");
+    assert!(left.is_empty(), "{left:?}");
+    let s = daemon.status();
+    assert_eq!(
+        s["services"]["relocate"]["counters"]["sweeps_total"], 1,
+        "only the start-up sweep ran"
+    );
+    assert_eq!(daemon.stop().0, 0);
+}
+
+#[test]
 fn the_same_name_from_two_directories_keeps_both() {
     let sb = Sandbox::new("collision");
     std::fs::create_dir_all(sb.path("data/x")).unwrap();

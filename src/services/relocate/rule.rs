@@ -130,6 +130,13 @@ pub struct Tree {
     events: Vec<u8>,
     /// The last directory a file event came from, kept open.
     dir_cache: Option<(Slot, OwnedFd)>,
+    /// Watched directories whose path did not open while handling an
+    /// event or a scan: an ancestor was renamed and its rename events are
+    /// still queued behind. They are scanned once the batch is handled and
+    /// the table knows their new paths.
+    stale: heapless::Vec<Slot, 32>,
+    /// More went stale than `stale` holds: only a full walk covers them.
+    stale_overflow: bool,
     final_name: heapless::Vec<u8, 256>,
     logged_errnos: heapless::Vec<i32, 16>,
     pub counters: Counters,
@@ -200,6 +207,8 @@ impl Rule {
             path: vec![0; PATH_MAX + 1],
             events: vec![0; EVENT_BUFFER],
             dir_cache: None,
+            stale: heapless::Vec::new(),
+            stale_overflow: false,
             final_name: heapless::Vec::new(),
             logged_errnos: heapless::Vec::new(),
             counters: Counters::default(),
@@ -418,7 +427,12 @@ impl Rule {
         };
         let path = Path::new(super::mover::os(&t.path[..len]));
         if self.scanner.start(path).is_err() {
-            return false; // gone again already
+            // Gone again already, or its path is stale behind a rename
+            // whose events are not read yet: tried again after the next
+            // batch of events (a removed directory's watch is forgotten
+            // by then, so this cannot go round for ever).
+            t.mark_stale(slot);
+            return false;
         }
         t.scan_stack.clear();
         t.scan_stack.push(slot);
@@ -502,8 +516,31 @@ impl Rule {
         if drained {
             self.settle_moves();
         }
+        queued |= self.rescan_stale();
         self.tree.raise_limit_alert(ctx);
         queued
+    }
+
+    /// Queues scans of the directories whose path was stale; true if any.
+    fn rescan_stale(&mut self) -> bool {
+        let t = &mut self.tree;
+        if t.stale.is_empty() && !t.stale_overflow {
+            return false;
+        }
+        if std::mem::take(&mut t.stale_overflow) {
+            self.rescan = true;
+        }
+        while let Some(slot) = t.stale.pop() {
+            if self.scans.contains(&slot) {
+                continue;
+            }
+            if self.scans.len() == self.scans.capacity() {
+                self.rescan = true;
+            } else {
+                self.scans.push_back(slot);
+            }
+        }
+        true
     }
 
     fn on_event(&mut self, ev: &inotify::Event<'_>, ctx: &mut Ctx<'_>) -> bool {
@@ -837,7 +874,12 @@ impl Tree {
                 .unwrap_or(&[]);
             match open_dir_beneath(root.as_fd(), rel) {
                 Ok(fd) => self.dir_cache = Some((slot, fd)),
-                Err(_) => return, // the directory went away
+                Err(_) => {
+                    // Gone, or only its path is stale (an ancestor was just
+                    // renamed): a scan once the batch is handled tells.
+                    self.mark_stale(slot);
+                    return;
+                }
             }
         }
         let Some((_, dir)) = self.dir_cache.take() else {
@@ -846,6 +888,15 @@ impl Tree {
         let outcome = self.move_file(dir.as_fd(), cname, closed);
         self.dir_cache = Some((slot, dir));
         self.account(outcome, slot, name, WalkKind::Scan, ctx);
+    }
+
+    fn mark_stale(&mut self, slot: Slot) {
+        if slot == NO_SLOT || self.stale.contains(&slot) {
+            return;
+        }
+        if self.stale.push(slot).is_err() {
+            self.stale_overflow = true;
+        }
     }
 
     fn move_file(&mut self, dir: BorrowedFd<'_>, name: &CStr, closed: bool) -> Outcome {
@@ -983,7 +1034,19 @@ impl Tree {
                     } else {
                         self.path[..len].copy_from_slice(path);
                         self.path[len] = 0;
-                        self.watch_path(len, parent, name).unwrap_or(NO_SLOT)
+                        match self.watch_path(len, parent, name) {
+                            Some(slot) => slot,
+                            None => {
+                                // The walk holds the directory open, but
+                                // its path no longer leads there when an
+                                // ancestor was renamed mid-walk: walk the
+                                // parent again once the rename is known.
+                                if self.limit.is_none() {
+                                    self.mark_stale(parent);
+                                }
+                                NO_SLOT
+                            }
+                        }
                     }
                 };
                 let stack = if kind == WalkKind::Sweep {

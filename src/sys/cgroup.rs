@@ -367,37 +367,15 @@ pub fn cmdline_disables_memory(cmdline: &str) -> bool {
 
 /// The first cgroup2 mount point in `/proc/self/mountinfo` text.
 pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(mount_point)))
-    })
+    super::mounts::parse_mountinfo(mountinfo)
+        .into_iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.mount_point)
 }
 
 /// This machine's cgroup2 mount point, if it has one.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     cgroup2_mount_in(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -183,7 +183,15 @@ pub enum Visit<'a> {
         depth: u32,
     },
     /// A directory was walked to its end (after everything inside it).
-    Left { path: &'a [u8], depth: u32 },
+    /// `parent` is the directory holding it and `name` its name there
+    /// (`None` for the directory the walk started at), so the caller can,
+    /// say, `unlinkat(parent, name, AT_REMOVEDIR)` once it is emptied.
+    Left {
+        path: &'a [u8],
+        depth: u32,
+        parent: Option<BorrowedFd<'a>>,
+        name: &'a [u8],
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,12 +272,19 @@ impl Walker {
 
     /// Starts (or restarts) a walk at `root`.
     pub fn start(&mut self, root: &Path) -> io::Result<()> {
+        let dir = DirStream::open(root)?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(root.as_os_str());
+        self.start_dir(dir, bytes)
+    }
+
+    /// Starts (or restarts) a walk at a directory already open (say, with
+    /// [`DirStream::open_at`] beneath another walk's directory, so nothing
+    /// is resolved by path again); `path` is what visits show for it.
+    pub fn start_dir(&mut self, dir: DirStream, path: &[u8]) -> io::Result<()> {
         self.abort();
         self.errors = WalkErrors::default();
         self.visited = 0;
-        let dir = DirStream::open(root)?;
-        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(root.as_os_str());
-        let bytes = match bytes {
+        let bytes = match path {
             [rest @ .., b'/'] if !rest.is_empty() => rest,
             b => b,
         };
@@ -339,9 +354,21 @@ impl Walker {
                             self.errors.unreadable += 1;
                         }
                         let path_len = self.pop_level();
+                        let path = &self.path[..path_len];
+                        let (parent, name) = if top == 0 {
+                            (None, &path[path.len()..])
+                        } else {
+                            let parent_len = self.levels[top - 1].path_len;
+                            (
+                                self.levels[top - 1].dir.as_ref().map(AsFd::as_fd),
+                                &path[(parent_len + 1).min(path.len())..],
+                            )
+                        };
                         visit(Visit::Left {
-                            path: &self.path[..path_len],
+                            path,
                             depth: top as u32,
+                            parent,
+                            name,
                         });
                         continue;
                     }
@@ -487,6 +514,52 @@ mod tests {
         assert_eq!(left.last().unwrap(), "", "the root is left last");
         assert_eq!(left.len(), 6);
         assert_eq!(w.errors, WalkErrors::default());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn left_directories_name_their_parent_so_they_can_be_removed() {
+        let root = tree("left");
+        let mut w = Walker::new(8, 512);
+        let sub = DirStream::open(&root.join("a")).unwrap();
+        w.start_dir(sub, root.join("a").as_os_str().as_encoded_bytes())
+            .unwrap();
+        // Empty the tree under a/ bottom-up, as retention removes a
+        // directory: files as they are seen, directories once left.
+        let mut root_left = 0;
+        while w.step(3, &mut |v| {
+            match v {
+                Visit::Entry { dir, name, .. } => {
+                    nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                        .unwrap();
+                }
+                Visit::Left {
+                    parent: Some(parent),
+                    name,
+                    ..
+                } => {
+                    let name = std::ffi::CString::new(name).unwrap();
+                    nix::unistd::unlinkat(
+                        parent,
+                        name.as_c_str(),
+                        nix::unistd::UnlinkatFlags::RemoveDir,
+                    )
+                    .unwrap();
+                }
+                Visit::Left {
+                    parent: None, name, ..
+                } => {
+                    assert!(name.is_empty());
+                    root_left += 1;
+                }
+                Visit::Dir { .. } => {}
+            }
+            Decision::Descend
+        }) == Progress::Paused
+        {}
+        assert_eq!(root_left, 1);
+        assert_eq!(std::fs::read_dir(root.join("a")).unwrap().count(), 0);
+        assert!(root.join("f/6").exists(), "outside a/ nothing was touched");
         std::fs::remove_dir_all(&root).unwrap();
     }
 

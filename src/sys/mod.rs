@@ -13,6 +13,7 @@ pub mod dir;
 pub mod fs;
 pub mod inotify;
 pub mod lock;
+pub mod mounts;
 pub mod named_child;
 pub mod notify;
 pub mod pattern;

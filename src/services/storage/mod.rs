@@ -5,6 +5,7 @@
 
 pub mod jobs;
 pub mod rotate;
+pub mod tree;
 
 use std::io;
 
@@ -67,10 +68,8 @@ impl Service for Storage {
                 let every = self.config.check_every.as_millis();
                 let _ = ctx.schedule(ctx.now.after_millis(every), CHECK);
             }
-            ROTATE => {
-                if self.rotation.step(ROTATE_STEP_BYTES, ctx.wall) {
-                    let _ = ctx.schedule(ctx.now, ROTATE);
-                }
+            ROTATE if self.rotation.step(ROTATE_STEP_BYTES, ctx.wall) => {
+                let _ = ctx.schedule(ctx.now, ROTATE);
             }
             id if id >= JOBS_TIMER => self.jobs.on_timer(id - JOBS_TIMER, ctx),
             _ => {}

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod dir;
 pub mod fs;
 pub mod inotify;
+pub mod localtime;
 pub mod lock;
 pub mod mounts;
 pub mod named_child;

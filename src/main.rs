@@ -38,6 +38,8 @@ enum Command {
     Check(CheckCmd),
     Status(StatusCmd),
     Sweep(SweepCmd),
+    Emergency(EmergencyCmd),
+    Storage(StorageCmd),
     Demo(DemoCmd),
     Version(VersionCmd),
 }
@@ -78,6 +80,23 @@ struct SweepCmd {
     #[argh(switch)]
     dry_run: bool,
 }
+
+#[derive(FromArgs)]
+/// The emergency cleanup pass now, whatever at_used says: on each watched
+/// mount above until_used, delete the oldest entries of its retention
+/// rules, lowest priority first, keeping each rule's emergency_keep newest.
+#[argh(subcommand, name = "emergency")]
+struct EmergencyCmd {
+    /// print what would be deleted, change nothing
+    #[argh(switch)]
+    dry_run: bool,
+}
+
+#[derive(FromArgs)]
+/// Storage analysis: each watched mount (device, SD card or not, size, used,
+/// free) and each retention rule (entries, bytes, expired, oldest, newest).
+#[argh(subcommand, name = "storage")]
+struct StorageCmd {}
 
 #[derive(FromArgs)]
 /// Make a sandbox, run the daemon on it while generating real work for every
@@ -139,6 +158,11 @@ fn main() -> ExitCode {
         Command::Check(cmd) => check(&path, cmd.write_paths),
         Command::Status(cmd) => show_status(&path, cmd.json),
         Command::Sweep(cmd) => sweep(&path, cmd.only.as_deref(), cmd.dry_run),
+        Command::Emergency(cmd) => storage_command(&path, |s, out| {
+            let totals = s.emergency_once(cmd.dry_run, out)?;
+            Ok(totals.failed == 0)
+        }),
+        Command::Storage(_) => storage_command(&path, |s, out| s.analyse(out).map(|()| true)),
         Command::Demo(cmd) => {
             match edgekeeper::demo::run(&cmd.dir, cmd.seconds, &mut std::io::stdout()) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -271,6 +295,35 @@ fn sweep(path: &std::path::Path, only: Option<&str>, dry_run: bool) -> ExitCode 
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `emergency` and `storage`: the storage service's one-shot commands.
+fn storage_command(
+    path: &std::path::Path,
+    f: impl FnOnce(&mut services::storage::Storage, &mut dyn std::io::Write) -> std::io::Result<bool>,
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(storage) = &config.storage else {
+        eprintln!(
+            "edgekeeper: storage is not configured in {}",
+            path.display()
+        );
+        return ExitCode::from(EX_CONFIG);
+    };
+    sink::init_stderr(log::LevelFilter::Warn);
+    let mut svc = services::storage::Storage::new(storage);
+    let mut out = std::io::stdout().lock();
+    match f(&mut svc, &mut out) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("edgekeeper: storage: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

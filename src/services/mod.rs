@@ -298,6 +298,9 @@ pub fn build(config: &Config) -> Built {
     if let Some(g) = &config.govern {
         services.push(Box::new(govern::Govern::new(g, &config.limits)));
     }
+    if let Some(s) = &config.storage {
+        services.push(Box::new(storage::Storage::new(s)));
+    }
     let mut not_built = config.services();
     not_built.retain(|name| !services.iter().any(|s| s.name() == *name));
     Built {
@@ -307,7 +310,7 @@ pub fn build(config: &Config) -> Built {
 }
 
 /// Services this build provides, for `edgekeeper version`.
-pub const PROVIDED: &[&str] = &["relocate", "frames", "govern"];
+pub const PROVIDED: &[&str] = &["relocate", "frames", "govern", "storage"];
 
 /// JSON pieces written by each service into one buffer made at start, to be
 /// embedded in status.json or state.json without copying or allocating.

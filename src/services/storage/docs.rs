@@ -36,7 +36,7 @@ fn errno_text(e: Option<i32>) -> Option<heapless::String<96>> {
         let mut s = heapless::String::new();
         let _ = core::fmt::Write::write_fmt(
             &mut crate::services::Bounded(&mut s),
-            format_args!("{}", std::io::Error::from_raw_os_error(e)),
+            format_args!("{}", nix::errno::Errno::from_raw(e).desc()),
         );
         s
     })

@@ -236,6 +236,8 @@ pub struct Storage {
     dry_run: bool,
     /// Quota mounts whose walk just ended, to be checked.
     measured: heapless::Vec<usize, 16>,
+    /// Storage for an emergency's rule order, kept between runs.
+    order_buf: Vec<usize>,
 }
 
 impl Storage {
@@ -275,6 +277,7 @@ impl Storage {
             every_name: Patterns::new::<&str>(&[]),
             dry_run: false,
             measured: heapless::Vec::new(),
+            order_buf: Vec::with_capacity(config.retention.len()),
             config: config.clone(),
         }
     }
@@ -382,10 +385,12 @@ impl Storage {
     }
 
     fn begin_emergency(&mut self, mount: usize, start: Usage, dry_run: bool, now: WallTime) {
-        let mut order: Vec<usize> = (0..self.rules.len())
-            .filter(|&r| self.rules[r].mount == Some(mount))
-            .collect();
-        order.sort_by_key(|&r| (self.rules[r].cfg.priority, r));
+        // The order buffer is made once (with room for every rule) and
+        // handed from run to run: an emergency allocates nothing.
+        let mut order = std::mem::take(&mut self.order_buf);
+        order.clear();
+        order.extend((0..self.rules.len()).filter(|&r| self.rules[r].mount == Some(mount)));
+        order.sort_unstable_by_key(|&r| (self.rules[r].cfg.priority, r));
         self.totals.emergencies += 1;
         // A pass under way gives way to the emergency and is queued again.
         if let Some(w) = self.current.take() {
@@ -506,7 +511,7 @@ impl Storage {
                         "{}: root {}: {}",
                         r.cfg.name,
                         r.cfg.root.display(),
-                        io::Error::from_raw_os_error(errno.unwrap_or(libc::EIO))
+                        nix::errno::Errno::from_raw(errno.unwrap_or(libc::EIO)).desc()
                     );
                 }
                 r.root_error = errno;
@@ -519,7 +524,7 @@ impl Storage {
                         o.cfg.dir.display(),
                         o.cfg.dir.display(),
                         o.cfg.companion_dir.display(),
-                        io::Error::from_raw_os_error(errno.unwrap_or(libc::EIO))
+                        nix::errno::Errno::from_raw(errno.unwrap_or(libc::EIO)).desc()
                     );
                 }
                 o.error = errno;
@@ -703,9 +708,10 @@ impl Storage {
     }
 
     fn end_emergency(&mut self, usage: Usage, reached: bool) {
-        let Some(e) = self.emergency.take() else {
+        let Some(mut e) = self.emergency.take() else {
             return;
         };
+        self.order_buf = std::mem::take(&mut e.order);
         let m = &self.mounts[e.mount];
         let outcome = EmergencyOutcome {
             at: WallTime::now(),
@@ -836,7 +842,7 @@ fn log_action(rule: &str, a: &Action<'_>) {
         Some(e) => log::warn!(
             "{rule}: cannot delete {}: {}; it stays",
             Name(a.path),
-            io::Error::from_raw_os_error(e as i32)
+            e.desc()
         ),
     }
 }
@@ -1129,7 +1135,11 @@ impl Service for Storage {
             match (m.error, m.level) {
                 (Some(errno), _) => report.worsen(
                     Health::Unhealthy,
-                    format_args!("mount {}: {}", path, io::Error::from_raw_os_error(errno)),
+                    format_args!(
+                        "mount {}: {}",
+                        path,
+                        nix::errno::Errno::from_raw(errno).desc()
+                    ),
                 ),
                 (None, Level::Critical) => report.worsen(
                     Health::Degraded,
@@ -1180,7 +1190,7 @@ impl Service for Storage {
                         "{}: root {}: {}",
                         r.cfg.name,
                         r.cfg.root.display(),
-                        io::Error::from_raw_os_error(errno)
+                        nix::errno::Errno::from_raw(errno).desc()
                     ),
                 );
             }
@@ -1193,7 +1203,7 @@ impl Service for Storage {
                         "orphans in {} (companions in {}): {}",
                         o.cfg.dir.display(),
                         o.cfg.companion_dir.display(),
-                        io::Error::from_raw_os_error(errno)
+                        nix::errno::Errno::from_raw(errno).desc()
                     ),
                 );
             }
@@ -1304,7 +1314,7 @@ impl Storage {
                         out,
                         "FAILED to delete {} ({rule}): {}",
                         Name(a.path),
-                        io::Error::from_raw_os_error(e as i32)
+                        e.desc()
                     )
                 }
             };

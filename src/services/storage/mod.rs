@@ -208,6 +208,7 @@ struct Totals {
     emergencies_short: u64,
     clock_holds: u64,
     longest_slice_us: u64,
+    last_check_us: u64,
     checks: u64,
 }
 
@@ -307,6 +308,7 @@ impl Storage {
 
     /// The periodic check.
     fn check(&mut self, ctx: &mut Ctx<'_>) {
+        let started = Instant::now();
         self.totals.checks += 1;
         for i in 0..self.mounts.len() {
             if self.mounts[i].quota().is_some() {
@@ -318,6 +320,9 @@ impl Storage {
                 self.consider_emergency(i, percent, ctx);
             }
         }
+        self.totals.last_check_us = Instant::now()
+            .as_micros()
+            .saturating_sub(started.as_micros());
         self.queue_retention(ctx);
         self.rotation.begin(ctx.wall);
         let _ = ctx.schedule(ctx.now, ROTATE);
@@ -1057,6 +1062,11 @@ impl Service for Storage {
             "longest_slice_microseconds",
             "The longest the loop was held by one slice of a storage pass.",
             t.longest_slice_us,
+        );
+        report.gauge(
+            "last_check_microseconds",
+            "How long the last check of every watched mount took.",
+            t.last_check_us,
         );
         report.gauge(
             "emergency_running",

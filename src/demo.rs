@@ -3,8 +3,9 @@
 //! What it is: a directory (default `./edgekeeper-demo`) with a config
 //! written for it, the daemon started from this very binary on that config,
 //! and generators that make the work each service exists for while it runs:
-//! logs appearing in new nested directories (relocate), and, as the other
-//! services land, frames, a process named ffmpeg and old files. At the end
+//! logs appearing in new nested directories (relocate), frames renamed in
+//! by an ffmpeg-like writer (frames), a process named ffmpeg (govern), and
+//! camera storage on a small budget (storage). At the end
 //! the daemon is stopped and what happened is printed from its status
 //! snapshot, with a check that nothing was lost. Needs no root.
 //! What it is not: a test. The integration tests in `tests/` assert the same
@@ -496,6 +497,192 @@ impl Part for Ffmpeg {
     }
 }
 
+/// Camera storage on a small disk budget: expired frames, an old
+/// TMPPOINTING directory, orphaned metadata, a program's log to rotate, a
+/// job, and a camera that keeps writing until the emergency cleanup has to
+/// make room, oldest first, keeping the newest.
+struct Disk {
+    frames: u64,
+    next_at: f64,
+}
+
+/// Frames are this big, on a quota of `DISK_QUOTA_KB`.
+const FRAME_BYTES: usize = 50_000;
+const DISK_QUOTA_KB: u64 = 3000;
+/// The newest live frames emergency must keep.
+const LIVE_KEEP: u64 = 10;
+
+impl Disk {
+    fn new() -> Disk {
+        Disk {
+            frames: 0,
+            next_at: 0.0,
+        }
+    }
+
+    fn frame(&mut self, dir: &Path, age_secs: u64) -> io::Result<()> {
+        let p = dir.join(format!("storage/live/frame_{:06}.jpg", self.frames));
+        std::fs::write(&p, vec![0xa5u8; FRAME_BYTES])?;
+        set_age(&p, age_secs)?;
+        self.frames += 1;
+        Ok(())
+    }
+}
+
+fn set_age(p: &Path, age_secs: u64) -> io::Result<()> {
+    let t = std::time::SystemTime::now() - Duration::from_secs(age_secs);
+    std::fs::File::open(p)?.set_modified(t)
+}
+
+impl Part for Disk {
+    fn config(&self) -> String {
+        format!(
+            r#""storage": {{
+    "check_every": "1s",
+    "mounts": [ {{ "path": "storage", "quota": "{DISK_QUOTA_KB}KB" }} ],
+    "emergency": {{ "at_used": 90, "until_used": 70 }},
+    "retention": [
+      {{ "name": "processed", "root": "storage/processed", "match": ["*.jpg"], "max_age": "72h", "priority": 0 }},
+      {{ "name": "live", "root": "storage/live", "match": ["*.jpg"], "max_age": "24h", "emergency_keep": {LIVE_KEEP}, "priority": 1 }},
+      {{ "name": "tmppointing", "root": "storage/pointing", "match": ["TMPPOINTING*"], "kind": "dir", "depth": 1, "max_age": "24h", "emergency_keep": 1, "priority": 2 }}
+    ],
+    "orphans": [ {{ "dir": "storage/meta", "companion_dir": "storage/live", "companion_ext": ".jpg", "min_age": "1h" }} ],
+    "jobs": [ {{ "name": "backup", "every": "2s", "command": ["/bin/sh", "-c", "echo backing up the metadata of the day"] }} ]
+  }}"#
+        )
+    }
+
+    fn prepare(&mut self, dir: &Path) -> io::Result<()> {
+        for d in [
+            "live",
+            "processed",
+            "meta",
+            "pointing/TMPPOINTING_0815/scan",
+        ] {
+            std::fs::create_dir_all(dir.join("storage").join(d))?;
+        }
+        // 20 live frames an hour apart: the 5 older than a day expire.
+        for i in 0..20u64 {
+            self.frame(dir, (29 - i) * 3600)?;
+        }
+        // Processed frames, all younger than their 72 h: only an
+        // emergency deletes them.
+        for i in 0..20u64 {
+            let p = dir.join(format!("storage/processed/done_{i:04}.jpg"));
+            std::fs::write(&p, vec![0x5au8; FRAME_BYTES])?;
+            set_age(&p, (50 - i) * 3600)?;
+        }
+        // Metadata: one per young frame, and two whose frames are gone.
+        for i in 10..20u64 {
+            std::fs::write(dir.join(format!("storage/meta/frame_{i:06}.json")), "{}")?;
+        }
+        for name in ["frame_900001.json", "frame_900002.json"] {
+            let p = dir.join("storage/meta").join(name);
+            std::fs::write(&p, "{}")?;
+            set_age(&p, 2 * 3600)?;
+        }
+        // A pointing run from three days ago, and one still being written.
+        let old = dir.join("storage/pointing/TMPPOINTING_0815");
+        std::fs::write(old.join("scan/table.dat"), "old")?;
+        for p in [old.join("scan/table.dat"), old.join("scan"), old.clone()] {
+            set_age(&p, 3 * 86_400)?;
+        }
+        std::fs::create_dir_all(dir.join("storage/pointing/TMPPOINTING_now"))?;
+        std::fs::write(
+            dir.join("storage/pointing/TMPPOINTING_now/table.dat"),
+            "new",
+        )?;
+        Ok(())
+    }
+
+    fn tick(&mut self, dir: &Path, elapsed: f64) -> io::Result<()> {
+        // The camera: 10 frames a second, 500 KB/s into a 3 MB budget.
+        if elapsed >= self.next_at {
+            self.next_at = elapsed + 0.1;
+            self.frame(dir, 0)?;
+        }
+        Ok(())
+    }
+
+    fn summary(
+        &self,
+        dir: &Path,
+        status: &serde_json::Value,
+        out: &mut dyn io::Write,
+    ) -> io::Result<bool> {
+        let st = &status["services"]["storage"];
+        let c = &st["counters"];
+        let d = &st["details"];
+        writeln!(
+            out,
+            "storage: camera storage on a {} KB budget, a camera writing 500 KB/s into it",
+            DISK_QUOTA_KB
+        )?;
+        let live: Vec<String> = std::fs::read_dir(dir.join("storage/live"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let newest_kept = (self.frames.saturating_sub(LIVE_KEEP)..self.frames)
+            .all(|i| live.contains(&format!("frame_{i:06}.jpg")));
+        let expired_gone = (0..5).all(|i| !live.contains(&format!("frame_{i:06}.jpg")));
+        let old_gone = !dir.join("storage/pointing/TMPPOINTING_0815").exists();
+        let young_kept = dir
+            .join("storage/pointing/TMPPOINTING_now/table.dat")
+            .exists();
+        let pointing_ok = old_gone && young_kept;
+        let orphans_ok = !dir.join("storage/meta/frame_900001.json").exists()
+            && !dir.join("storage/meta/frame_900002.json").exists();
+        writeln!(
+            out,
+            "  retention: {} expired entries deleted ({} bytes); TMPPOINTING_0815 (3 days old) {}; TMPPOINTING_now (being written) {}",
+            c["files_deleted_total"],
+            c["bytes_freed_total"],
+            if old_gone {
+                "removed whole"
+            } else {
+                "STILL THERE"
+            },
+            if young_kept { "kept" } else { "GONE" }
+        )?;
+        writeln!(
+            out,
+            "  orphans: {} metadata files without a frame deleted",
+            c["orphans_deleted_total"]
+        )?;
+        let last = &d["emergency"]["last"];
+        writeln!(
+            out,
+            "  emergency: {} run(s); the last took {} from {} % to {} %, deleting {} entries (processed first, then the oldest live frames, always keeping the newest {LIVE_KEEP})",
+            c["emergencies_total"],
+            d["mounts"][0]["path"]
+                .as_str()
+                .map_or("?", |p| p.rsplit('/').next().unwrap_or(p)),
+            last["from_percent"],
+            last["to_percent"],
+            last["deleted"]
+        )?;
+        let job = d["jobs"].get(0).cloned().unwrap_or_default();
+        writeln!(
+            out,
+            "  jobs: backup ran {} time(s), last {}",
+            job["runs"],
+            job["last_outcome"].as_str().unwrap_or("-")
+        )?;
+        let emergency_ok = c["emergencies_total"].as_u64() >= Some(1) && last["reached"] == true;
+        let ok = newest_kept && expired_gone && pointing_ok && orphans_ok && emergency_ok;
+        writeln!(
+            out,
+            "  {}",
+            if ok {
+                "OK: exactly the expired and orphaned went, the emergency kept to its order and kept the newest frames"
+            } else {
+                "PROBLEM: something expired was kept, something young went, or the emergency did not make room"
+            }
+        )?;
+        Ok(ok)
+    }
+}
+
 /// Matching logs still under `root`, outside `target` and `.git`.
 fn count_matching(root: &Path, target: &Path) -> u64 {
     let mut n = 0;
@@ -538,6 +725,7 @@ pub fn run(dir: &Path, seconds: u64, out: &mut dyn io::Write) -> io::Result<bool
         Box::new(Logs::new()),
         Box::new(Camera::new(seconds)),
         Box::new(Ffmpeg::new(seconds)),
+        Box::new(Disk::new()),
     ];
     // Parts that decide their config from the machine look first.
     for p in &mut parts {

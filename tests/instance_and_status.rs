@@ -121,22 +121,38 @@ fn metrics_are_written_beside_the_status() {
 }
 
 #[test]
-fn configured_services_this_build_lacks_are_reported_not_hidden() {
-    let sb = Sandbox::new("not-built");
-    sb.write_config(r#""govern": {"targets": [{"comm": "ffmpeg"}]}"#);
+fn every_configured_service_reports_its_own_health() {
+    let sb = Sandbox::new("all-services");
+    for d in ["data", "captures", "disk", "cgroup"] {
+        std::fs::create_dir_all(sb.path(d)).unwrap();
+    }
+    sb.write_config(
+        r#""relocate": [{"name": "logs", "root": "data", "match": ["*.log"], "target": "data/state/logs", "exclude": ["state/logs"]}],
+  "frames": [{"name": "cam0", "dir": "captures"}],
+  "govern": {"cgroup_root": "cgroup/edgekeeper", "targets": [{"comm": "ffmpeg"}]},
+  "storage": {"mounts": [{"path": "disk"}]}"#,
+    );
     let daemon = sb.start();
     let s = daemon.status();
-    let govern = &s["services"]["govern"];
-    if govern["health"] == "unhealthy" {
+    for name in ["relocate", "frames", "govern", "storage"] {
+        let svc = &s["services"][name];
         assert!(
-            govern["reason"]
-                .as_str()
-                .unwrap()
-                .contains("does not provide")
+            ["healthy", "degraded"].contains(&svc["health"].as_str().unwrap()),
+            "{name}: {svc}"
         );
-    } else {
-        // Once govern is built, it reports its own health instead.
-        assert!(govern["health"].is_string());
+        let reason = svc["reason"].as_str().unwrap_or("");
+        assert!(!reason.contains("does not provide"), "{name}: {reason}");
+    }
+    let prom = std::fs::read_to_string(sb.path("run/edgekeeper.prom")).unwrap();
+    for name in ["relocate", "frames", "govern", "storage"] {
+        let line = format!("edgekeeper_service_enabled{{service=\"{name}\"}} 1");
+        assert!(prom.contains(&line), "{line} missing");
     }
     assert_eq!(daemon.stop().0, 0);
+    let version = sb.run_cli(&["version"]);
+    assert!(
+        stdout(&version).contains("services: relocate frames govern storage"),
+        "{}",
+        stdout(&version)
+    );
 }

@@ -188,6 +188,26 @@ const BAD: &[(&str, &str, &str)] = &[
         "storage.jobs[0].at",
     ),
     (
+        "job with both at and every",
+        r#"{"storage": {"jobs": [{"name": "b", "at": "02:00", "every": "1h", "command": ["/bin/true"]}]}}"#,
+        "storage.jobs[0]: has both at and every",
+    ),
+    (
+        "job with neither at nor every",
+        r#"{"storage": {"jobs": [{"name": "b", "command": ["/bin/true"]}]}}"#,
+        "storage.jobs[0]: needs at",
+    ),
+    (
+        "job every too short",
+        r#"{"storage": {"jobs": [{"name": "b", "every": "10ms", "command": ["/bin/true"]}]}}"#,
+        "storage.jobs[0].every",
+    ),
+    (
+        "empty quota",
+        r#"{"storage": {"mounts": [{"path": "/", "quota": "0B"}]}}"#,
+        "storage.mounts[0].quota",
+    ),
+    (
         "unknown alert placeholder",
         r#"{"alerts": {"command": ["/bin/echo", "{lvl}"]}}"#,
         "alerts.command[1]",

@@ -19,3 +19,4 @@ pub mod pattern;
 pub mod proc_connector;
 pub mod process;
 pub mod procfs;
+pub mod writeback;

@@ -21,3 +21,4 @@ pub mod pattern;
 pub mod proc_connector;
 pub mod process;
 pub mod procfs;
+pub mod writeback;

@@ -957,6 +957,7 @@ impl Service for Storage {
         }
         log::info!("storage config changed: adopting it");
         self.pass.abort();
+        self.rotation.abort();
         self.queue.clear();
         self.current = None;
         self.emergency = None;
@@ -1269,6 +1270,9 @@ impl Service for Storage {
     fn stop(&mut self, ctx: &mut Ctx<'_>) {
         self.jobs.stop(ctx);
         self.pass.abort();
+        // A copy in progress is dropped with its temporary; the log keeps
+        // every line (it is truncated only once its copy is in place).
+        self.rotation.abort();
     }
 
     fn sweep(&mut self, dry_run: bool, out: &mut dyn io::Write) -> io::Result<SweepTotals> {

@@ -271,10 +271,17 @@ fn sweep(path: &std::path::Path, only: Option<&str>, dry_run: bool) -> ExitCode 
             return ExitCode::from(EX_CONFIG);
         }
     }
-    let mut out = std::io::stdout().lock();
+    // One line per file moved or deleted: buffered, not a write(2) each
+    // (a retention pass may delete a hundred thousand files).
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut failed = 0;
     for mut svc in built.services.into_iter().filter(|s| wanted(s.name())) {
-        match svc.sweep(dry_run, &mut out) {
+        let result = svc.sweep(dry_run, &mut out);
+        if let Err(e) = std::io::Write::flush(&mut out) {
+            eprintln!("edgekeeper: writing to stdout: {e}");
+            failed += 1;
+        }
+        match result {
             Ok(totals) => {
                 let verb = if dry_run { "would act on" } else { "acted on" };
                 eprintln!(
@@ -316,8 +323,9 @@ fn storage_command(
     };
     sink::init_stderr(log::LevelFilter::Warn);
     let mut svc = services::storage::Storage::new(storage);
-    let mut out = std::io::stdout().lock();
-    match f(&mut svc, &mut out) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let result = f(&mut svc, &mut out).and_then(|ok| std::io::Write::flush(&mut out).map(|()| ok));
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

@@ -43,7 +43,7 @@ fn checks_retention_orphans_and_emergencies_allocate_nothing() {
             "storage": {"check_every": "1s",
               "mounts": [{"path": "disk", "quota": "256KiB", "warn_used": 60, "critical_used": 80}, {"path": "/"}],
               "emergency": {"at_used": 90, "until_used": 50},
-              "retention": [{"name": "live", "root": "disk/live", "match": ["*.jpg"], "max_age": "24h", "emergency_keep": 2}],
+              "retention": [{"name": "live", "root": "disk/live", "match": ["*.jpg"], "max_age": "30s", "emergency_keep": 2}],
               "orphans": [{"dir": "disk/meta", "companion_dir": "disk/live", "companion_ext": ".jpg", "min_age": "1h"}]}}"#,
     )
     .unwrap();
@@ -52,12 +52,14 @@ fn checks_retention_orphans_and_emergencies_allocate_nothing() {
     let mut counted = 0;
     // One round: expired files, orphans and young files that push the
     // quota past the emergency threshold every few rounds; then the loop
-    // runs through the next check and what it starts.
+    // runs through the next check and what it starts. (max_age is 30 s so
+    // that a retention pass is due at every check: 1/24 of it is less
+    // than check_every.)
     let mut round = |daemon: &mut Daemon, count: bool| {
         for _ in 0..20 {
             put(&dir.join(format!("disk/live/old-{n}.jpg")), 512, 3 * 86_400);
             put(&dir.join(format!("disk/meta/old-{n}.json")), 64, 7200);
-            put(&dir.join(format!("disk/live/young-{n}.jpg")), 4096, 60);
+            put(&dir.join(format!("disk/live/young-{n}.jpg")), 4096, 0);
             n += 1;
         }
         let checks = status(&dir)["services"]["storage"]["counters"]["checks_total"]

@@ -86,6 +86,8 @@ pub struct Rule {
     pub last: Option<(WallTime, Tally)>,
     pub totals: RuleTotals,
     pub root_error: Option<i32>,
+    /// When its next retention pass is due (`None`: at the next check).
+    next_pass: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -109,7 +111,18 @@ impl Rule {
             last: None,
             totals: RuleTotals::default(),
             root_error: None,
+            next_pass: None,
         }
+    }
+
+    /// How long after one retention pass the next is due: every check, but
+    /// no more often than 1/24 of `max_age` (capped at an hour), so a tree
+    /// of 220,000 frames kept for a day is walked hourly rather than every
+    /// five minutes. An entry outlives its age by at most that (4 %, or an
+    /// hour); emergencies do not wait for it.
+    fn pass_interval_ms(&self, check_every_ms: u64) -> u64 {
+        let age = self.cfg.max_age.map_or(0, |a| a.as_millis());
+        (age / 24).min(3_600_000).max(check_every_ms)
     }
 
     fn scope(&self) -> Scope<'_> {
@@ -347,7 +360,8 @@ impl Storage {
             log::info!("the clock is synchronised: retention resumes");
         }
         for i in 0..self.rules.len() {
-            if self.rules[i].cfg.max_age.is_some() {
+            let r = &self.rules[i];
+            if r.cfg.max_age.is_some() && r.next_pass.is_none_or(|at| ctx.now >= at) {
                 self.enqueue(Work::Retention(i));
             }
         }
@@ -559,6 +573,10 @@ impl Storage {
                 r.totals.not_regular += t.not_regular;
                 r.totals.vanished += t.vanished;
                 r.last = Some((WallTime::now(), t));
+                // A little early, so the check that comes at the interval
+                // finds it due.
+                let interval = r.pass_interval_ms(self.config.check_every.as_millis());
+                r.next_pass = Some(Instant::now().after_millis(interval.saturating_sub(500)));
                 if t.deleted > 0 || t.failed > 0 {
                     log::info!(
                         "{}: {} expired entr{} deleted ({}), {} kept{}",
@@ -857,6 +875,12 @@ pub struct Name<'a>(pub &'a [u8]);
 
 impl core::fmt::Display for Name<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // The common case, a plain UTF-8 name, in one write.
+        if let Ok(plain) = core::str::from_utf8(self.0) {
+            if !plain.contains('\n') {
+                return f.write_str(plain);
+            }
+        }
         for chunk in self.0.utf8_chunks() {
             for c in chunk.valid().chars() {
                 if c == '\n' {
@@ -1541,5 +1565,34 @@ impl core::fmt::Display for Age {
             (0, _) => write!(f, "{h}h {m}m old"),
             _ => write!(f, "{d}d {h}h old"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_passes_come_every_check_but_at_most_every_24th_of_max_age() {
+        let rule = |age: &str| {
+            let cfg: RetentionRule = serde_json::from_str(&format!(
+                r#"{{"name": "r", "root": "/x", "match": ["*"], "max_age": "{age}"}}"#
+            ))
+            .unwrap();
+            Rule::new(&cfg)
+        };
+        let five_min = 300_000;
+        assert_eq!(rule("24h").pass_interval_ms(five_min), 3_600_000);
+        assert_eq!(
+            rule("7d").pass_interval_ms(five_min),
+            3_600_000,
+            "an hour at most"
+        );
+        assert_eq!(rule("12h").pass_interval_ms(five_min), 1_800_000);
+        assert_eq!(
+            rule("1h").pass_interval_ms(five_min),
+            five_min,
+            "never below check_every"
+        );
     }
 }

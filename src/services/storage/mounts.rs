@@ -350,17 +350,19 @@ pub struct Bytes(pub u64);
 impl core::fmt::Display for Bytes {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
-        let mut v = self.0 as f64;
-        let mut u = 0;
-        while v >= 1000.0 && u < UNITS.len() - 1 {
-            v /= 1000.0;
-            u += 1;
+        let mut unit = 0;
+        let mut scale = 1u64;
+        while self.0 / scale >= 1000 && unit < UNITS.len() - 1 {
+            scale *= 1000;
+            unit += 1;
         }
-        if u == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{v:.1} {}", UNITS[u])
+        if unit == 0 {
+            return write!(f, "{} B", self.0);
         }
+        // One decimal, rounded, in integers (printed per deleted file by
+        // `sweep`, where float formatting showed in profiles).
+        let tenths = (u128::from(self.0) * 10 + u128::from(scale) / 2) / u128::from(scale);
+        write!(f, "{}.{} {}", tenths / 10, tenths % 10, UNITS[unit])
     }
 }
 
@@ -473,5 +475,8 @@ mod tests {
         assert_eq!(Bytes(999).to_string(), "999 B");
         assert_eq!(Bytes(12_345_678).to_string(), "12.3 MB");
         assert_eq!(Bytes(4_000_000_000).to_string(), "4.0 GB");
+        assert_eq!(Bytes(4096).to_string(), "4.1 KB");
+        assert_eq!(Bytes(999_960).to_string(), "1000.0 KB");
+        assert_eq!(Bytes(u64::MAX).to_string(), "18446.7 PB");
     }
 }

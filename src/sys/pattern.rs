@@ -47,7 +47,8 @@ impl Matcher {
         CString::new(pattern).ok().map(Matcher::Fnmatch)
     }
 
-    fn matches(&self, name: &[u8], cname: &[u8; NAME_BUF]) -> bool {
+    /// For a list without fnmatch patterns.
+    fn matches_literal(&self, name: &[u8]) -> bool {
         match self {
             Matcher::Literal {
                 prefix,
@@ -59,6 +60,13 @@ impl Matcher {
                     && name.ends_with(suffix)
             }
             Matcher::Literal { prefix, .. } => name == prefix.as_slice(),
+            Matcher::Fnmatch(_) => false,
+        }
+    }
+
+    fn matches(&self, name: &[u8], cname: &[u8; NAME_BUF]) -> bool {
+        match self {
+            Matcher::Literal { .. } => self.matches_literal(name),
             // SAFETY: both pointers are NUL-terminated strings that live
             // across the call: `p` is a CString, `cname` is zero-filled past
             // `name` (checked shorter than the buffer, without NULs).
@@ -98,10 +106,12 @@ impl Patterns {
         if name.len() >= NAME_BUF || name.contains(&0) {
             return false;
         }
-        let mut buf = [0u8; NAME_BUF];
-        if self.any_fnmatch {
-            buf[..name.len()].copy_from_slice(name);
+        if !self.any_fnmatch {
+            // No NUL-terminated copy needed (nor the 256 bytes it zeroes).
+            return self.list.iter().any(|m| m.matches_literal(name));
         }
+        let mut buf = [0u8; NAME_BUF];
+        buf[..name.len()].copy_from_slice(name);
         self.list.iter().any(|m| m.matches(name, &buf))
     }
 }

@@ -22,7 +22,7 @@ pub mod mounts;
 pub mod rotate;
 pub mod tree;
 
-use std::io;
+use std::io::{self, Write as _};
 
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -1333,18 +1333,15 @@ impl Storage {
     ) -> io::Result<()> {
         let verb = if dry_run { "would delete" } else { "deleted" };
         let mut err = None;
+        let now_ns = wall_ns(WallTime::now());
+        let mut line = Vec::with_capacity(4096 + 128);
         let mut print = |rule: &str, a: &Action<'_>| {
             let r = match a.error {
                 None => {
                     totals.acted += 1;
-                    writeln!(
-                        out,
-                        "{verb} {}{} ({rule}, {}, {})",
-                        Name(a.path),
-                        if a.dir { "/" } else { "" },
-                        Age(a.mtime_ns),
-                        Bytes(a.bytes)
-                    )
+                    line.clear();
+                    action_line(&mut line, verb, rule, a, now_ns);
+                    out.write_all(&line)
                 }
                 Some(e) => {
                     totals.failed += 1;
@@ -1548,6 +1545,76 @@ impl Storage {
     }
 }
 
+/// `deleted /path (rule, 2d 0h old, 4.1 KB)`: what `Age`, `Bytes` and
+/// `Name` print, put together by hand, because `sweep` prints one per
+/// deleted file and core::fmt showed as a quarter of its user time over
+/// 110,000 deletions.
+fn action_line(line: &mut Vec<u8>, verb: &str, rule: &str, a: &Action<'_>, now_ns: i64) {
+    line.extend_from_slice(verb.as_bytes());
+    line.push(b' ');
+    match core::str::from_utf8(a.path) {
+        Ok(plain) if !plain.contains('\n') => line.extend_from_slice(plain.as_bytes()),
+        _ => {
+            let _ = write!(line, "{}", Name(a.path));
+        }
+    }
+    if a.dir {
+        line.push(b'/');
+    }
+    line.extend_from_slice(b" (");
+    line.extend_from_slice(rule.as_bytes());
+    line.extend_from_slice(b", ");
+    let secs = (now_ns - a.mtime_ns) / 1_000_000_000;
+    if secs < 0 {
+        let _ = write!(line, "{}", Age(a.mtime_ns));
+    } else {
+        let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+        let mut num = |n: i64, unit: &[u8]| {
+            push_u64(line, n as u64);
+            line.extend_from_slice(unit);
+        };
+        match (d, h) {
+            (0, 0) if m == 0 => num(secs, b"s"),
+            (0, 0) => num(m, b"m"),
+            (0, _) => {
+                num(h, b"h ");
+                num(m, b"m");
+            }
+            _ => {
+                num(d, b"d ");
+                num(h, b"h");
+            }
+        }
+        line.extend_from_slice(b" old");
+    }
+    line.extend_from_slice(b", ");
+    let (tenths, unit) = mounts::tenths(a.bytes);
+    if unit == 0 {
+        push_u64(line, a.bytes);
+    } else {
+        push_u64(line, tenths / 10);
+        line.push(b'.');
+        push_u64(line, tenths % 10);
+    }
+    line.push(b' ');
+    line.extend_from_slice(mounts::UNITS[unit].as_bytes());
+    line.extend_from_slice(b")\n");
+}
+
+fn push_u64(line: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    line.extend_from_slice(&digits[i..]);
+}
+
 /// How old something with this mtime is, for people: `3d 2h old`.
 pub struct Age(pub i64);
 
@@ -1571,6 +1638,35 @@ impl core::fmt::Display for Age {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hand_made_action_line_says_what_the_formatters_say() {
+        let now = wall_ns(WallTime::now());
+        for (age_s, bytes, path, dir) in [
+            (2 * 86_400 + 3600 * 5, 4096u64, &b"/a/b.jpg"[..], false),
+            (3 * 3600 + 60 * 7, 12_345_678, b"/TMPPOINTING_1", true),
+            (59, 0, b"/x \xff\n.jpg", false),
+            (600, 999, b"/y.jpg", false),
+        ] {
+            let a = Action {
+                path,
+                dir,
+                bytes,
+                mtime_ns: now - age_s * 1_000_000_000,
+                error: None,
+            };
+            let mut line = Vec::new();
+            action_line(&mut line, "deleted", "live", &a, now);
+            let expect = format!(
+                "deleted {}{} (live, {}, {})\n",
+                Name(path),
+                if dir { "/" } else { "" },
+                Age(a.mtime_ns),
+                Bytes(bytes)
+            );
+            assert_eq!(String::from_utf8(line).unwrap(), expect);
+        }
+    }
 
     #[test]
     fn retention_passes_come_every_check_but_at_most_every_24th_of_max_age() {

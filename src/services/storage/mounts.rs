@@ -347,21 +347,31 @@ pub fn boot_id() -> u64 {
 /// A byte count for people: `12.3 MB` (powers of 1000, as disks are sold).
 pub struct Bytes(pub u64);
 
+pub const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
+
+/// `bytes` in tenths of its unit (an index into [`UNITS`]), rounded: one
+/// decimal in integers (printed per deleted file by `sweep`, where float
+/// formatting showed in profiles). Unit 0 is whole bytes.
+pub fn tenths(bytes: u64) -> (u64, usize) {
+    let mut unit = 0;
+    let mut scale = 1u64;
+    while bytes / scale >= 1000 && unit < UNITS.len() - 1 {
+        scale *= 1000;
+        unit += 1;
+    }
+    if unit == 0 {
+        return (bytes * 10, 0);
+    }
+    let t = (u128::from(bytes) * 10 + u128::from(scale) / 2) / u128::from(scale);
+    (t as u64, unit)
+}
+
 impl core::fmt::Display for Bytes {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
-        let mut unit = 0;
-        let mut scale = 1u64;
-        while self.0 / scale >= 1000 && unit < UNITS.len() - 1 {
-            scale *= 1000;
-            unit += 1;
-        }
-        if unit == 0 {
+        if self.0 < 1000 {
             return write!(f, "{} B", self.0);
         }
-        // One decimal, rounded, in integers (printed per deleted file by
-        // `sweep`, where float formatting showed in profiles).
-        let tenths = (u128::from(self.0) * 10 + u128::from(scale) / 2) / u128::from(scale);
+        let (tenths, unit) = tenths(self.0);
         write!(f, "{}.{} {}", tenths / 10, tenths % 10, UNITS[unit])
     }
 }

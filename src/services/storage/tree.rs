@@ -343,7 +343,10 @@ impl Pass {
                 return Slice::Capped;
             }
             turns += 1;
-            if turns % 16 == 0 && Instant::now() >= deadline {
+            if (turns % 16 == 0
+                || !matches!(self.goal, Goal::Purge { .. }) && self.matched.is_none())
+                && Instant::now() >= deadline
+            {
                 return Slice::Paused;
             }
             if self.matched.is_some() {
@@ -373,7 +376,16 @@ impl Pass {
                 tally,
                 out,
             };
-            let progress = main.step(1, &mut |v| ctx.visit(v));
+            // A matching directory must be taken up before the next entry
+            // (it becomes the sub-walk), and a purge stops between two
+            // deletions once enough is freed: one entry per step then.
+            // Otherwise a few dozen per step.
+            let budget = if scope.kind == EntryKind::Dir || matches!(ctx.goal, Goal::Purge { .. }) {
+                1
+            } else {
+                32
+            };
+            let progress = main.step(budget, &mut |v| ctx.visit(v));
             if progress == Progress::Done && self.matched.is_none() {
                 self.tally.unreadable += self.main.errors.unreadable + self.main.errors.too_deep;
                 self.active = false;

@@ -165,6 +165,36 @@ impl CgroupRoot {
         &self.path
     }
 
+    /// Whether the directory held open was removed, or its path now leads
+    /// elsewhere (removed and made again by someone else): the groups made
+    /// in it are gone.
+    pub fn is_gone(&self) -> bool {
+        let Ok(held) = nix::sys::stat::fstat(self.fd.as_fd()) else {
+            return true;
+        };
+        if held.st_nlink == 0 {
+            return true;
+        }
+        match nix::sys::stat::stat(&self.path) {
+            Ok(now) => now.st_ino != held.st_ino || now.st_dev != held.st_dev,
+            Err(_) => true,
+        }
+    }
+
+    /// Whether group `name` exists under the root.
+    pub fn has_group(&self, name: &[u8]) -> bool {
+        let mut path = [0u8; PATH_BUF];
+        match rel_path(name, b"", &mut path) {
+            Ok(p) => nix::sys::stat::fstatat(
+                self.fd.as_fd(),
+                p,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .is_ok(),
+            Err(_) => true,
+        }
+    }
+
     pub fn kind(&self) -> FsKind {
         self.kind
     }

@@ -594,6 +594,7 @@ impl Govern {
         if self.table.is_empty() {
             return;
         }
+        self.regroup_lost(ctx);
         let generation = self.scan.generation;
         let mut i = 0;
         while i < self.table.len() {
@@ -611,6 +612,41 @@ impl Govern {
             if keep {
                 i += 1;
             }
+        }
+    }
+
+    /// Governed processes whose group is gone (the root removed, or the
+    /// group itself) go back to waiting, and are attached again as soon as
+    /// the root is usable: a process never stays ungoverned because its
+    /// group vanished under a quiet daemon.
+    fn regroup_lost(&mut self, ctx: &mut Ctx<'_>) {
+        let root_gone = self.cgroups.root().is_some_and(|r| r.is_gone());
+        if root_gone {
+            let e = io::Error::from_raw_os_error(libc::ENOENT);
+            self.cgroups.lost(&e);
+        }
+        let mut lost = 0;
+        for e in self.table.iter_mut() {
+            if e.phase != Phase::Governed {
+                continue;
+            }
+            let gone = root_gone
+                || self
+                    .cgroups
+                    .root()
+                    .is_some_and(|r| !r.has_group(e.group.as_bytes()));
+            if gone {
+                e.phase = Phase::Waiting;
+                e.note(format_args!(
+                    "its group is gone; grouped again once cgroup_root is usable"
+                ));
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            log::warn!("{lost} governed process(es) lost their group; attaching them again");
+            *ctx.state_changed = true;
+            self.attach_waiting(ctx);
         }
     }
 

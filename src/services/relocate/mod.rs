@@ -289,7 +289,7 @@ impl Service for Relocate {
         );
         report.counter(
             "min_age_waits_total",
-            "Times a file was left because it was younger than min_age.",
+            "Times a file was left for later: younger than min_age, or created less than a second ago and not yet closed (across file systems).",
             t.young_waits,
         );
         report.counter(

@@ -41,6 +41,61 @@ const MAX_SUFFIX: u32 = 100_000;
 /// writer, so it is not copied across file systems yet.
 const QUIET_WITHOUT_LEASE_S: i64 = 5;
 
+/// How long a writer that raced an unlink is waited for (see
+/// `Target::rescue_tail`); a stall of the loop that only a race costs.
+const RESCUE_WAIT_MS: u32 = 100;
+
+/// A file whose status changed this recently is not copied across file
+/// systems without a close event (see `copy_in`).
+const JUST_CREATED_MS: i64 = 1000;
+
+/// If `f`'s inode changed (was created, written, renamed) less than `ms`
+/// ago by the wall clock, how long until it is `ms` old (a change in the
+/// future counts as just now).
+fn young_for_ms(f: &File, ms: i64) -> Option<u64> {
+    let Ok(st) = fstat(f.as_fd()) else {
+        return Some(ms as u64);
+    };
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let ctime_ms = i64::from(st.st_ctime) * 1000 + (st.st_ctime_nsec as i64) / 1_000_000;
+    let now = crate::sys::clock::WallTime::now();
+    let age = (now.secs * 1000 + i64::from(now.millis) - ctime_ms).max(0);
+    (age < ms).then(|| (ms - age).max(1) as u64)
+}
+
+/// Whether `name` in `dir` holds exactly what `src` holds (`len` bytes): a
+/// copy a crash left linked before its source was unlinked.
+fn same_content(dir: BorrowedFd<'_>, name: &CStr, src: &File, len: u64) -> bool {
+    let Ok(fd) = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    match fstat(fd.as_fd()) {
+        Ok(st) if Kind::of_stat(&st) == Kind::File && st.st_size as u64 == len => {}
+        _ => return false,
+    }
+    let (mut a, mut b) = ([0u8; 8192], [0u8; 8192]);
+    let mut at = 0u64;
+    while at < len {
+        let want = ((len - at) as usize).min(a.len());
+        let (Ok(n), Ok(m)) = (
+            nix::sys::uio::pread(src.as_fd(), &mut a[..want], at as i64),
+            nix::sys::uio::pread(fd.as_fd(), &mut b[..want], at as i64),
+        ) else {
+            return false;
+        };
+        if n == 0 || n != m || a[..n] != b[..n] {
+            return false;
+        }
+        at += n as u64;
+    }
+    true
+}
+
 /// The directory files are moved into.
 pub struct Target {
     pub path: PathBuf,
@@ -137,10 +192,20 @@ impl Target {
     }
 
     /// True if the open target directory was deleted under us.
+    /// The directory held open is no longer the target: deleted, or
+    /// renamed away (its path now leads elsewhere, or nowhere), so files
+    /// moved into it would not be where users look.
     fn deleted(&self) -> bool {
-        match &self.dir {
-            Some(d) => fstat(d.as_fd()).map(|st| st.st_nlink == 0).unwrap_or(true),
-            None => false,
+        let Some(d) = &self.dir else { return false };
+        let Ok(held) = fstat(d.as_fd()) else {
+            return true;
+        };
+        if held.st_nlink == 0 {
+            return true;
+        }
+        match nix::sys::stat::stat(&self.path) {
+            Ok(now) => now.st_ino != held.st_ino || now.st_dev != held.st_dev,
+            Err(_) => true,
         }
     }
 
@@ -293,6 +358,17 @@ impl Target {
             Ok(_) => return Outcome::Skipped(Skip::Gone), // replaced meanwhile
             Err(e) => return failed("stat")(e),
         }
+        // A file created a moment ago may be between its creation and its
+        // writer's open becoming a write (IN_CREATE comes first): a lease
+        // taken in that window is granted, and the writer's open, breaking
+        // it just after our last look, would write into the source we
+        // unlink. Such a file waits for its IN_CLOSE_WRITE (or the next
+        // look, once it is a second old).
+        if !req.closed {
+            if let Some(wait) = young_for_ms(&src, JUST_CREATED_MS) {
+                return Outcome::Skipped(Skip::Young(wait));
+            }
+        }
         let lease = take_read_lease(src.as_fd());
         match lease {
             Lease::Held => {}
@@ -393,7 +469,19 @@ impl Target {
                     let _ = final_name.extend_from_slice(candidate.to_bytes());
                     break;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // A crash between linking a copy and unlinking its
+                    // source (or a source that cannot be unlinked) leaves
+                    // the same file in both places: finish that move
+                    // rather than copy it once more under a suffix.
+                    if same_content(dir, candidate, src, bytes) {
+                        discard(named);
+                        final_name.clear();
+                        let _ = final_name.extend_from_slice(candidate.to_bytes());
+                        return unlink_source(req, src, st, held, bytes, k > 0, dir, candidate);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     discard(named);
                     return Outcome::Failed {
@@ -422,21 +510,86 @@ impl Target {
             undo();
             return Outcome::Skipped(Skip::WriterOpen);
         }
-        // Unlink only the file we copied, not one that took its name since.
-        match fstatat(req.dir, req.name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(now) if now.st_ino == st.st_ino && now.st_dev == st.st_dev => {
-                if let Err(e) = unlinkat(req.dir, req.name, UnlinkatFlags::NoRemoveDir) {
-                    // The copy is whole in the target, the source is still
-                    // there: nothing lost, the file is in both places.
-                    return failed("unlink")(e);
-                }
+        unlink_source(req, src, st, held, bytes, k > 0, dir, final_c)
+    }
+}
+
+/// The copy is in place as `to` in `dir`: unlink the source, only the file
+/// we copied, not one that took its name since.
+#[allow(clippy::too_many_arguments)]
+fn unlink_source(
+    req: &Request<'_>,
+    src: &File,
+    st: &FileStat,
+    held: bool,
+    bytes: u64,
+    collided: bool,
+    dir: BorrowedFd<'_>,
+    to: &CStr,
+) -> Outcome {
+    match fstatat(req.dir, req.name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(now) if now.st_ino == st.st_ino && now.st_dev == st.st_dev => {
+            if let Err(e) = unlinkat(req.dir, req.name, UnlinkatFlags::NoRemoveDir) {
+                // The copy is whole in the target, the source is still
+                // there: nothing lost, the file is in both places (and
+                // the next try sees the copy and only unlinks).
+                return failed("unlink")(e);
             }
-            _ => {}
         }
-        Outcome::Copied {
-            bytes,
-            collided: k > 0,
+        _ => return Outcome::Copied { bytes, collided },
+    }
+    // A writer whose open had already found the name, between our last
+    // look at the lease and the unlink, now waits for the lease and
+    // will write into the unlinked source. Let it, then bring what it
+    // wrote into the copy.
+    if held && crate::sys::fs::lease_broken(src.as_fd()) {
+        return rescue_tail(src, bytes, collided, dir, to);
+    }
+    Outcome::Copied { bytes, collided }
+}
+
+/// After a writer raced the unlink: release the lease so it can go on,
+/// wait (briefly: a logger that opens per line writes and closes at once)
+/// until no writer has the file, and append what it wrote to the copy `to`.
+fn rescue_tail(src: &File, bytes: u64, collided: bool, dir: BorrowedFd<'_>, to: &CStr) -> Outcome {
+    release_lease(src.as_fd());
+    let mut waited = 0;
+    while waited < RESCUE_WAIT_MS && take_read_lease(src.as_fd()) == Lease::Writer {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
+    }
+    let Ok(fd) = openat(
+        dir,
+        to,
+        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return Outcome::Copied { bytes, collided };
+    };
+    let mut out = File::from(fd);
+    let mut buf = [0u8; 8192];
+    let mut at = bytes;
+    while let Ok(n) = nix::sys::uio::pread(src.as_fd(), &mut buf, at as i64) {
+        if n == 0 || out.write_all(&buf[..n]).is_err() {
+            break;
         }
+        at += n as u64;
+    }
+    let _ = out.sync_all();
+    release_lease(src.as_fd());
+    log::warn!(
+        "a writer opened {} just as it was moved across file systems; {} byte(s) it wrote were added to the copy{}",
+        to.to_string_lossy(),
+        at - bytes,
+        if waited >= RESCUE_WAIT_MS {
+            " (it still had it open after 100 ms: what it writes later is lost)"
+        } else {
+            ""
+        }
+    );
+    Outcome::Copied {
+        bytes: at,
+        collided,
     }
 }
 

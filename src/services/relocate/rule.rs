@@ -199,11 +199,9 @@ impl Rule {
             sweep_stack: Vec::with_capacity(MAX_LEVELS + 1),
             scan_stack: Vec::with_capacity(MAX_LEVELS + 1),
             moved_from: heapless::Vec::new(),
-            deferred: VecDeque::with_capacity(if cfg.min_age.as_millis() > 0 {
-                DEFERRED
-            } else {
-                0
-            }),
+            // Files wait here for min_age, or (across file systems) for
+            // their first second, when no close event says they are done.
+            deferred: VecDeque::with_capacity(DEFERRED),
             path: vec![0; PATH_MAX + 1],
             events: vec![0; EVENT_BUFFER],
             dir_cache: None,

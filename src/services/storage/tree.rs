@@ -152,7 +152,10 @@ struct Matched {
     path: [u8; 4096],
     path_len: usize,
     ino: u64,
+    /// The newest mtime seen so far: the directories' while measuring,
+    /// then (once measured) the files' if there are any.
     newest_ns: i64,
+    newest_file_ns: Option<i64>,
     bytes: u64,
     removing: Option<i64>,
 }
@@ -403,7 +406,20 @@ impl Pass {
         let dry_run = self.dry_run;
         let tally = &mut self.tally;
         let progress = self.sub.step(64, &mut |v| match (v, m.removing) {
-            (Visit::Entry { dir, name, .. }, None) | (Visit::Dir { dir, name, .. }, None) => {
+            // Measuring: the age is the newest mtime of what is inside.
+            // Directories' own mtimes count only while no file is found
+            // (an empty tree is as old as its directories): removing
+            // entries refreshes them, so counting them would make a
+            // directory half removed before a crash look young for ever.
+            (Visit::Entry { dir, name, .. }, None) => {
+                if let Ok(st) = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    let t = mtime_ns(&st);
+                    m.newest_file_ns = Some(m.newest_file_ns.map_or(t, |n| n.max(t)));
+                    m.bytes += disk_bytes(&st);
+                }
+                Decision::Descend
+            }
+            (Visit::Dir { dir, name, .. }, None) => {
                 if let Ok(st) = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                     m.newest_ns = m.newest_ns.max(mtime_ns(&st));
                     m.bytes += disk_bytes(&st);
@@ -466,7 +482,14 @@ impl Pass {
         if progress == Progress::Paused {
             return;
         }
-        let Some(m) = self.matched.take() else { return };
+        let Some(mut m) = self.matched.take() else {
+            return;
+        };
+        if m.removing.is_none() {
+            if let Some(files) = m.newest_file_ns {
+                m.newest_ns = files;
+            }
+        }
         let errors = self.sub.errors;
         self.tally.unreadable += errors.unreadable + errors.too_deep;
         self.matched_done(m, errors.unreadable + errors.too_deep > 0, out);
@@ -810,6 +833,7 @@ impl Visitor<'_, '_, '_> {
             path_len,
             ino: ino(&st),
             newest_ns: mtime_ns(&st),
+            newest_file_ns: None,
             bytes: disk_bytes(&st),
             removing: None,
         };

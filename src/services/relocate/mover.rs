@@ -83,8 +83,8 @@ fn same_content(dir: BorrowedFd<'_>, name: &CStr, src: &File, len: u64) -> bool 
     while at < len {
         let want = ((len - at) as usize).min(a.len());
         let (Ok(n), Ok(m)) = (
-            nix::sys::uio::pread(src.as_fd(), &mut a[..want], at as i64),
-            nix::sys::uio::pread(fd.as_fd(), &mut b[..want], at as i64),
+            nix::sys::uio::pread(src.as_fd(), &mut a[..want], at as libc::off_t),
+            nix::sys::uio::pread(fd.as_fd(), &mut b[..want], at as libc::off_t),
         ) else {
             return false;
         };
@@ -569,7 +569,7 @@ fn rescue_tail(src: &File, bytes: u64, collided: bool, dir: BorrowedFd<'_>, to: 
     let mut out = File::from(fd);
     let mut buf = [0u8; 8192];
     let mut at = bytes;
-    while let Ok(n) = nix::sys::uio::pread(src.as_fd(), &mut buf, at as i64) {
+    while let Ok(n) = nix::sys::uio::pread(src.as_fd(), &mut buf, at as libc::off_t) {
         if n == 0 || out.write_all(&buf[..n]).is_err() {
             break;
         }

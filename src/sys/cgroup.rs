@@ -169,16 +169,7 @@ impl CgroupRoot {
     /// elsewhere (removed and made again by someone else): the groups made
     /// in it are gone.
     pub fn is_gone(&self) -> bool {
-        let Ok(held) = nix::sys::stat::fstat(self.fd.as_fd()) else {
-            return true;
-        };
-        if held.st_nlink == 0 {
-            return true;
-        }
-        match nix::sys::stat::stat(&self.path) {
-            Ok(now) => now.st_ino != held.st_ino || now.st_dev != held.st_dev,
-            Err(_) => true,
-        }
+        super::fs::moved_or_removed(self.fd.as_fd(), &self.path)
     }
 
     /// Whether group `name` exists under the root.

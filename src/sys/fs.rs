@@ -343,3 +343,19 @@ pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd>
     }
     Ok(dir)
 }
+
+/// Whether the directory held open as `fd` is no longer what `path` names:
+/// removed (no links left), or renamed away or replaced (the path now
+/// leads to another inode, or nowhere).
+pub fn moved_or_removed(fd: BorrowedFd<'_>, path: &Path) -> bool {
+    let Ok(held) = nix::sys::stat::fstat(fd) else {
+        return true;
+    };
+    if held.st_nlink == 0 {
+        return true;
+    }
+    match nix::sys::stat::stat(path) {
+        Ok(now) => now.st_ino != held.st_ino || now.st_dev != held.st_dev,
+        Err(_) => true,
+    }
+}

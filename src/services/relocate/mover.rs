@@ -196,17 +196,9 @@ impl Target {
     /// renamed away (its path now leads elsewhere, or nowhere), so files
     /// moved into it would not be where users look.
     fn deleted(&self) -> bool {
-        let Some(d) = &self.dir else { return false };
-        let Ok(held) = fstat(d.as_fd()) else {
-            return true;
-        };
-        if held.st_nlink == 0 {
-            return true;
-        }
-        match nix::sys::stat::stat(&self.path) {
-            Ok(now) => now.st_ino != held.st_ino || now.st_dev != held.st_dev,
-            Err(_) => true,
-        }
+        self.dir
+            .as_ref()
+            .is_some_and(|d| crate::sys::fs::moved_or_removed(d.as_fd(), &self.path))
     }
 
     /// Removes temporaries a crash left behind (whose process is gone).

@@ -1449,13 +1449,7 @@ impl Storage {
         );
         self.pass
             .begin(&scope, Goal::Analyse { cutoff_ns: None }, 0, false)?;
-        while self.pass.slice(
-            &scope,
-            Instant::now().after_millis(1000),
-            u64::MAX,
-            &mut |_| {},
-        ) != Slice::Done
-        {}
+        self.pass.run_to_end(&scope);
         self.mounts[m].quota_used = Some(self.pass.tally.bytes);
         Ok(())
     }
@@ -1510,13 +1504,7 @@ impl Storage {
                 writeln!(out, "{:<16} {}: {e}", r.cfg.name, r.cfg.root.display())?;
                 continue;
             }
-            while self.pass.slice(
-                &scope,
-                Instant::now().after_millis(1000),
-                u64::MAX,
-                &mut |_| {},
-            ) != Slice::Done
-            {}
+            self.pass.run_to_end(&scope);
             let t = self.pass.tally;
             let when = |ns: Option<i64>| {
                 ns.map_or("-".to_string(), |ns| {

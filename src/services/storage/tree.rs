@@ -592,6 +592,18 @@ impl Pass {
         }
     }
 
+    /// Runs a pass that reports nothing (analysis, quota) to its end, in
+    /// one go: the one-shot commands.
+    pub fn run_to_end(&mut self, scope: &Scope<'_>) {
+        while self.slice(
+            scope,
+            Instant::now().after_millis(1000),
+            u64::MAX,
+            &mut |_| {},
+        ) != Slice::Done
+        {}
+    }
+
     /// After a finished `Plan` pass: the next batch to delete so that at
     /// least `need` bytes are freed (or as much as there is), oldest
     /// first, never touching the `keep` newest entries. `None`: nothing

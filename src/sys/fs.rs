@@ -274,6 +274,44 @@ pub fn link_unnamed(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io:
     Ok(())
 }
 
+/// The block size in which the file system under `dir` can cut a range off
+/// the head of a file (`fallocate(FALLOC_FL_COLLAPSE_RANGE)`: ext4 with
+/// extents, XFS, F2FS), or `None` where it cannot (tmpfs, vfat, btrfs,
+/// ext4 with `data=journal`). Asked by trying it on an unnamed two-block
+/// file that never reaches the disk.
+pub fn collapse_block(dir: BorrowedFd<'_>) -> Option<u64> {
+    let block = nix::sys::statvfs::fstatvfs(dir).ok()?.block_size() as u64;
+    if !(512..=1 << 20).contains(&block) {
+        return None;
+    }
+    let fd = open_unnamed(dir).ok()?;
+    let mut file = File::from(fd);
+    let chunk = [b'\n'; 4096];
+    let mut left = 2 * block;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..n]).ok()?;
+        left -= n as u64;
+    }
+    collapse_head(file.as_fd(), block).ok()?;
+    let size = nix::sys::stat::fstat(&file).ok()?.st_size as u64;
+    (size == block).then_some(block)
+}
+
+/// Cuts the first `len` bytes off the file `fd` at once, shifting the rest
+/// to offset 0 (`len` a multiple of [`collapse_block`], short of the end).
+/// A writer appending meanwhile loses nothing: the cut and its writes are
+/// ordered by the inode lock.
+pub fn collapse_head(fd: BorrowedFd<'_>, len: u64) -> nix::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| Errno::EFBIG)?;
+    nix::fcntl::fallocate(
+        fd,
+        nix::fcntl::FallocateFlags::FALLOC_FL_COLLAPSE_RANGE,
+        0,
+        len,
+    )
+}
+
 /// What a read-lease probe says about writers of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lease {

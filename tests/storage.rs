@@ -575,14 +575,16 @@ fn logs_are_rotated_compressed_and_nothing_a_writer_wrote_is_lost() {
                     std::thread::sleep(Duration::from_micros(500));
                 }
             }
-            written
+            (written, writer)
         }
     });
     let rotated = wait_for(Duration::from_secs(40), || {
         (logs.join("quiet.log.1.gz").exists() && logs.join("busy.log.3.gz").exists()).then_some(())
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let written = busy.join().unwrap();
+    // The writer keeps the log open until the daemon stops: a closed log
+    // would be rotated by rename, a race with reading it below.
+    let (written, writer) = busy.join().unwrap();
     assert!(rotated.is_some(), "{:?}", tree(&logs));
     let s = daemon.status_where(|s| {
         s["services"]["storage"]["counters"]["rotations_total"].as_u64() >= Some(4)
@@ -610,6 +612,7 @@ fn logs_are_rotated_compressed_and_nothing_a_writer_wrote_is_lost() {
         .as_u64()
         .unwrap();
     assert_eq!(daemon.stop().0, 0);
+    drop(writer);
     let gunzip = |p: &Path| {
         let out = std::process::Command::new("gzip")
             .arg("-dc")

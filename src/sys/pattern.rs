@@ -56,8 +56,8 @@ impl Matcher {
                 star: true,
             } => {
                 name.len() >= prefix.len() + suffix.len()
-                    && name.starts_with(prefix)
-                    && name.ends_with(suffix)
+                    && same_bytes(&name[..prefix.len()], prefix)
+                    && same_bytes(&name[name.len() - suffix.len()..], suffix)
             }
             Matcher::Literal { prefix, .. } => name == prefix.as_slice(),
             Matcher::Fnmatch(_) => false,
@@ -75,6 +75,14 @@ impl Matcher {
             },
         }
     }
+}
+
+/// Equal bytes, compared inline: the prefix and suffix of a pattern are a
+/// few bytes (often none, as in `*.jpg`), and a call to memcmp for each
+/// was a fifth of a retention pass's user time.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 #[derive(Clone, Debug)]

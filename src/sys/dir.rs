@@ -156,13 +156,29 @@ impl<'a> Iterator for Entries<'a> {
             }
         };
         self.buf = &b[reclen..];
-        let name = CStr::from_bytes_until_nul(&record[DIRENT_HEADER..]).ok()?;
+        let name = dirent_name(&record[DIRENT_HEADER..])?;
         Some(Entry {
             ino: u64::from_ne_bytes(record[..8].try_into().ok()?),
             d_type: record[18],
             name,
         })
     }
+}
+
+/// The NUL-terminated name at the start of `field` (a record's `d_name`
+/// and its padding), or None if no NUL ends it. strnlen(3) rather than
+/// `CStr::from_bytes_until_nul`: the C library's is word-at-a-time, and
+/// the generic search was a tenth of a retention pass's user time.
+fn dirent_name(field: &[u8]) -> Option<&CStr> {
+    // SAFETY: strnlen reads at most `field.len()` bytes of `field`, which
+    // is borrowed for the call.
+    let len = unsafe { libc::strnlen(field.as_ptr().cast(), field.len()) };
+    if len >= field.len() {
+        return None;
+    }
+    // SAFETY: `field[len]` is the first NUL in `field` (strnlen stops at
+    // it), so `field[..=len]` is one NUL-terminated string with none inside.
+    Some(unsafe { CStr::from_bytes_with_nul_unchecked(&field[..=len]) })
 }
 
 /// What the walker shows its caller.

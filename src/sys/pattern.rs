@@ -111,12 +111,14 @@ impl Patterns {
 
     /// True if `name` matches any pattern.
     pub fn matches(&self, name: &[u8]) -> bool {
+        if !self.any_fnmatch {
+            // No NUL-terminated copy needed (nor the 256 bytes it zeroes),
+            // nor a search for a NUL: no literal pattern holds one, so a
+            // name with one never compares equal.
+            return self.list.iter().any(|m| m.matches_literal(name));
+        }
         if name.len() >= NAME_BUF || name.contains(&0) {
             return false;
-        }
-        if !self.any_fnmatch {
-            // No NUL-terminated copy needed (nor the 256 bytes it zeroes).
-            return self.list.iter().any(|m| m.matches_literal(name));
         }
         let mut buf = [0u8; NAME_BUF];
         buf[..name.len()].copy_from_slice(name);

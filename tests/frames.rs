@@ -49,11 +49,7 @@ fn two_thousand_frames_get_two_thousand_matching_sidecars() {
     let mut expected = Vec::new();
     for _ in 0..2000 {
         let (name, bytes) = w.write(Kind::Fresh).unwrap();
-        expected.push((
-            name,
-            bytes.len() as u64,
-            xxhash_rust::xxh64::xxh64(bytes, 0),
-        ));
+        expected.push((name, bytes.len() as u64, xxhash_rust::xxh3::xxh3_64(bytes)));
     }
     wait_for(Duration::from_secs(120), || sidecars(&sb) == 2000).expect("2000 sidecars");
     for (i, (name, len, hash)) in expected.iter().enumerate() {

@@ -3,7 +3,7 @@
 //! What it is: an inotify watch on the directory (IN_MOVED_TO for frames
 //! renamed into place, as ffmpeg's `-atomic_writing` does, and
 //! IN_CLOSE_WRITE for frames written in place), the built-in analysis of a
-//! frame (size, JPEG structure, width and height, XXH64 hash, sequence
+//! frame (size, JPEG structure, width and height, XXH3 64-bit hash, sequence
 //! number from the name, dropped frames, time since the previous frame) read
 //! through a buffer made at start, the sidecar written atomically (temporary
 //! name, then rename), and what follows from a stream of frames: stalls,
@@ -560,7 +560,7 @@ impl Capture {
         now: WallTime,
         scratch: &mut Scratch,
     ) -> io::Result<Analysis> {
-        let mut hasher = xxhash_rust::xxh64::Xxh64::new(0);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut head = jpeg::Head::default();
         let mut tail = [0u8; 2];
         let mut total = 0u64;

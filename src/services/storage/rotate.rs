@@ -1462,18 +1462,7 @@ impl Rotation {
                         }
                     }
                 }
-                let deflate = if gz { self.deflate.as_mut() } else { None };
-                let placed = copy
-                    .finish(&mut self.output, deflate)
-                    .and_then(|()| copy.place(&gen1));
-                if let Err(e) = placed {
-                    self.fail(
-                        rule,
-                        name.bytes(),
-                        format_args!("placing the copy as {}: {}", gen1.display(), errno(&e)),
-                    );
-                    return Err(());
-                }
+                self.place_copy(rule, name, copy, &gen1)?;
                 let at_truncate = fstat(live).map(|s| size_of(&s)).unwrap_or(0);
                 let truncated = nix::unistd::ftruncate(live, 0);
                 // Window closed.
@@ -1521,6 +1510,34 @@ impl Rotation {
         }
     }
 
+    /// Finishes the copy (the gzip trailer, the sync) and gives it its
+    /// name as generation 1; a failure is logged and counted.
+    fn place_copy(
+        &mut self,
+        rule: usize,
+        name: &Name,
+        copy: &mut Copy,
+        gen1: &Name,
+    ) -> Result<(), ()> {
+        let deflate = if copy.gzip {
+            self.deflate.as_mut()
+        } else {
+            None
+        };
+        let placed = copy
+            .finish(&mut self.output, deflate)
+            .and_then(|()| copy.place(gen1));
+        if let Err(e) = placed {
+            self.fail(
+                rule,
+                name.bytes(),
+                format_args!("placing the copy as {}: {}", gen1.display(), errno(&e)),
+            );
+            return Err(());
+        }
+        Ok(())
+    }
+
     /// Commits a copy-truncate that cut: the copy holds the log up to a
     /// block boundary; it is placed as generation 1, then exactly those
     /// blocks are cut off the log's head. What the writer added since the
@@ -1536,22 +1553,7 @@ impl Rotation {
     ) -> Result<(usize, Next), ()> {
         let gen1 = name.generation(1, copy.gzip);
         self.shift(rule, copy.dir.as_fd(), name)?;
-        let deflate = if copy.gzip {
-            self.deflate.as_mut()
-        } else {
-            None
-        };
-        let placed = copy
-            .finish(&mut self.output, deflate)
-            .and_then(|()| copy.place(&gen1));
-        if let Err(e) = placed {
-            self.fail(
-                rule,
-                name.bytes(),
-                format_args!("placing the copy as {}: {}", gen1.display(), errno(&e)),
-            );
-            return Err(());
-        }
+        self.place_copy(rule, name, copy, &gen1)?;
         let cut = collapse_head(live.as_fd(), copy.limit);
         let _ = futimens(&copy.out, &TimeSpec::UTIME_OMIT, &timespec(now));
         match cut {
@@ -2129,13 +2131,10 @@ mod tests {
         assert_eq!(counter(&r, "rotate_truncate_lost_bytes_total"), 0);
     }
 
-    #[test]
-    fn a_hole_left_by_a_writer_without_append_is_not_data() {
-        let Some(s) = Scratch::on_tmpfs("sparse") else {
-            return;
-        };
+    /// `seek.log` opened by a writer without O_APPEND (it writes at its
+    /// own offset, as some programs do), with 100 kB written.
+    fn seek_writer(s: &Scratch) -> (PathBuf, std::fs::File, Vec<u8>) {
         let path = s.path("seek.log");
-        // Not O_APPEND: it writes at its own offset, as some programs do.
         let mut writer = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -2144,6 +2143,15 @@ mod tests {
             .unwrap();
         let first = log_text(100_000, 5);
         writer.write_all(&first).unwrap();
+        (path, writer, first)
+    }
+
+    #[test]
+    fn a_hole_left_by_a_writer_without_append_is_not_data() {
+        let Some(s) = Scratch::on_tmpfs("sparse") else {
+            return;
+        };
+        let (path, mut writer, first) = seek_writer(&s);
         let mut r = Rotation::new(&[rule(&s.0, "*.log", Some(50_000), 5, false)]);
         pass(&mut r, BUDGET, WallTime::now());
         assert_eq!(std::fs::read(s.path("seek.log.1")).unwrap(), first);
@@ -2180,15 +2188,7 @@ mod tests {
             eprintln!("SKIPPED: {} cannot cut a file's head", s.0.display());
             return;
         };
-        let path = s.path("seek.log");
-        let mut writer = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let first = log_text(100_000, 5);
-        writer.write_all(&first).unwrap();
+        let (path, mut writer, first) = seek_writer(&s);
         let cut = (first.len() as u64 - 1) / block * block;
         let mut r = Rotation::new(&[rule(&s.0, "*.log", Some(50_000), 5, false)]);
         pass(&mut r, BUDGET, WallTime::now());

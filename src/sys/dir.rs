@@ -645,4 +645,25 @@ mod tests {
         rec[16..18].copy_from_slice(&3u16.to_ne_bytes());
         assert!(Entries::new(&rec).next().is_none());
     }
+
+    #[test]
+    fn a_name_ends_at_its_first_nul_and_a_record_without_one_has_none() {
+        assert_eq!(
+            dirent_name(b"frame.jpg\0\0\0").unwrap().to_bytes(),
+            b"frame.jpg"
+        );
+        assert_eq!(dirent_name(b"a\0b\0").unwrap().to_bytes(), b"a");
+        assert_eq!(dirent_name(b"\0").unwrap().to_bytes(), b"");
+        assert!(dirent_name(b"no end").is_none());
+        assert!(dirent_name(b"").is_none());
+        // Padding after the NUL is whatever was in the buffer before.
+        let mut rec = vec![0u8; 32];
+        rec[16..18].copy_from_slice(&32u16.to_ne_bytes());
+        rec[18] = libc::DT_REG;
+        rec[19..24].copy_from_slice(b"x.jpg");
+        rec[25..32].copy_from_slice(b"garbage");
+        assert_eq!(Entries::new(&rec).next().unwrap().name.to_bytes(), b"x.jpg");
+        rec[24] = b'!';
+        assert!(Entries::new(&rec).next().is_none(), "no NUL in the record");
+    }
 }

@@ -51,6 +51,9 @@ fn two_thousand_frames_get_two_thousand_matching_sidecars() {
         let (name, bytes) = w.write(Kind::Fresh).unwrap();
         expected.push((name, bytes.len() as u64, xxhash_rust::xxh3::xxh3_64(bytes)));
     }
+    // The first frame's hash as `xxhsum -H3 capture_000000001.jpg` (xxHash
+    // 0.8.1, Debian 12) prints it: sidecars can be checked in the field.
+    assert_eq!(expected[0].2, 0x302b_ea09_c3f2_a20e);
     wait_for(Duration::from_secs(120), || sidecars(&sb) == 2000).expect("2000 sidecars");
     for (i, (name, len, hash)) in expected.iter().enumerate() {
         let s = sidecar(&sb, i as u64 + 1).unwrap();

@@ -113,8 +113,8 @@ impl Patterns {
     pub fn matches(&self, name: &[u8]) -> bool {
         if !self.any_fnmatch {
             // No NUL-terminated copy needed (nor the 256 bytes it zeroes),
-            // nor a search for a NUL: no literal pattern holds one, so a
-            // name with one never compares equal.
+            // nor a search for a NUL: names come from directory entries and
+            // inotify events, which never hold one.
             return self.list.iter().any(|m| m.matches_literal(name));
         }
         if name.len() >= NAME_BUF || name.contains(&0) {

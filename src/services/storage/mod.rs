@@ -1537,7 +1537,8 @@ impl Storage {
 /// build `Vec::extend_from_slice` stays out of line, and with one line per
 /// deleted file it was a sixth of a retention pass's instructions. Long
 /// enough for the longest path with every byte escaped (`\xff`); anything
-/// past the end is cut off rather than allocated for.
+/// past the end is cut off rather than allocated for, and `end_line` keeps
+/// the newline even then, so the next line does not run on.
 struct Line {
     buf: [u8; LINE_BUF],
     len: usize,
@@ -1565,6 +1566,12 @@ impl Line {
         self.len = end;
     }
 
+    fn end_line(&mut self) {
+        if self.len == LINE_BUF {
+            self.buf[LINE_BUF - 1] = b'\n';
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -1582,6 +1589,7 @@ impl core::fmt::Write for Line {
 /// deleted file and core::fmt showed as a quarter of its user time over
 /// 110,000 deletions.
 fn action_line(line: &mut Line, verb: &str, rule: &str, a: &Action<'_>, now_ns: i64) {
+    use core::fmt::Write as _;
     line.put(verb.as_bytes());
     line.put(b" ");
     // Plain ASCII without a newline (what the field's names are) goes as
@@ -1589,7 +1597,7 @@ fn action_line(line: &mut Line, verb: &str, rule: &str, a: &Action<'_>, now_ns: 
     if a.path.is_ascii() && !a.path.contains(&b'\n') {
         line.put(a.path);
     } else {
-        let _ = core::fmt::Write::write_fmt(line, format_args!("{}", Name(a.path)));
+        let _ = write!(line, "{}", Name(a.path));
     }
     if a.dir {
         line.put(b"/");
@@ -1599,7 +1607,7 @@ fn action_line(line: &mut Line, verb: &str, rule: &str, a: &Action<'_>, now_ns: 
     line.put(b", ");
     let secs = (now_ns - a.mtime_ns) / 1_000_000_000;
     if secs < 0 {
-        let _ = core::fmt::Write::write_fmt(line, format_args!("{}", Age(a.mtime_ns)));
+        let _ = write!(line, "{}", Age(a.mtime_ns));
     } else {
         let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
         let mut num = |n: i64, unit: &[u8]| {
@@ -1632,6 +1640,7 @@ fn action_line(line: &mut Line, verb: &str, rule: &str, a: &Action<'_>, now_ns: 
     line.put(b" ");
     line.put(mounts::UNITS[unit].as_bytes());
     line.put(b")\n");
+    line.end_line();
 }
 
 fn push_u64(line: &mut Line, mut n: u64) {
@@ -1699,6 +1708,21 @@ mod tests {
             );
             assert_eq!(String::from_utf8(line.bytes().to_vec()).unwrap(), expect);
         }
+        // A path too long even for the buffer is cut, but ends its line.
+        let path = vec![0xffu8; LINE_BUF];
+        let a = Action {
+            path: &path,
+            dir: false,
+            bytes: 1,
+            mtime_ns: now,
+            error: None,
+        };
+        let mut line = Line::new();
+        action_line(&mut line, "deleted", "live", &a, now);
+        assert_eq!(line.bytes().len(), LINE_BUF);
+        assert!(line.bytes().starts_with(b"deleted \\xff\\xff"));
+        assert_eq!(line.bytes().iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(line.bytes().last(), Some(&b'\n'));
     }
 
     #[test]
